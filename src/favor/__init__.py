@@ -1,0 +1,44 @@
+"""favor: FAVOR+ (Performer) attention for PyTorch, linear in sequence length."""
+
+from .attention import favor_attention, favor_attention_step
+from .feature_maps import FEATURES, KERNELS, feature_map, num_features, oprf_parameter, random_features
+from .linear import DEFAULT_CHUNK_SIZE, FavorState, causal_linear_attention, linear_attention
+from .projections import (
+    PROJECTIONS,
+    SCALINGS,
+    HadamardProjection,
+    gaussian_iid_matrix,
+    gaussian_orthogonal_matrix,
+    givens_orthogonal_matrix,
+    hadamard_orthogonal_matrix,
+    hadamard_projection,
+    hadamard_transform,
+    projection_matrix,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "FEATURES",
+    "KERNELS",
+    "PROJECTIONS",
+    "SCALINGS",
+    "FavorState",
+    "HadamardProjection",
+    "causal_linear_attention",
+    "favor_attention",
+    "favor_attention_step",
+    "feature_map",
+    "gaussian_iid_matrix",
+    "gaussian_orthogonal_matrix",
+    "givens_orthogonal_matrix",
+    "hadamard_orthogonal_matrix",
+    "hadamard_projection",
+    "hadamard_transform",
+    "linear_attention",
+    "num_features",
+    "oprf_parameter",
+    "projection_matrix",
+    "random_features",
+]

@@ -1,0 +1,223 @@
+"""``favor_attention``: SDPA-style entry point (validation, feature maps, dispatch to kernels).
+
+Dimension key: B batch, H heads, Lq/Lk query/key length, D query/key head dim, Dv value dim,
+m projections, M features.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .feature_maps import FEATURES, KERNELS, feature_map, oprf_parameter
+from .linear import DEFAULT_CHUNK_SIZE, FavorState, causal_linear_attention, linear_attention
+
+__all__ = ["favor_attention", "favor_attention_step"]
+
+
+def _check_tensor(name: str, t: object) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 4:
+        raise ValueError(f"{name} must have shape (B, H, L, D), got {tuple(t.shape)}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    return t
+
+
+def _validate(query, key, value, projection, features, kernel, is_causal, key_padding_mask,
+              scale, initial_state, chunk_size) -> None:
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        _check_tensor(name, t)
+    if not (query.dtype == key.dtype == value.dtype):
+        raise TypeError(
+            f"query, key and value must share a dtype, got {query.dtype}, {key.dtype}, {value.dtype}"
+        )
+    (B, H, Lq, D), (Bk, Hk, Lk, Dk), (Bv, Hv, Lv, _) = query.shape, key.shape, value.shape
+    if (B, H) != (Bk, Hk) or (B, H) != (Bv, Hv):
+        raise ValueError(
+            "query, key and value must agree in batch and heads, got "
+            f"query {tuple(query.shape)}, key {tuple(key.shape)}, value {tuple(value.shape)}"
+        )
+    if D != Dk:
+        raise ValueError(f"query has head dim {D} but key has {Dk}")
+    if Lk != Lv:
+        raise ValueError(f"key has length {Lk} but value has {Lv}")
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}; expected one of {KERNELS}")
+    if kernel == "softmax":
+        if features not in FEATURES:
+            raise ValueError(f"unknown features {features!r}; expected one of {FEATURES}")
+        if projection is None:
+            raise ValueError(f"features={features!r} needs a (m, {D}) projection, got None")
+    elif features is not None:
+        raise ValueError(f"features={features!r} applies to kernel='softmax' only, not kernel={kernel!r}")
+    if projection is not None:
+        if not isinstance(projection, torch.Tensor):
+            raise TypeError(f"projection must be a torch.Tensor or None, got {type(projection).__name__}")
+        if projection.dim() != 2 or projection.shape[1] != D or projection.shape[0] == 0:
+            raise ValueError(
+                f"projection must have shape (m, {D}) with m > 0 to match head dim {D}, "
+                f"got {tuple(projection.shape)}"
+            )
+        if not projection.is_floating_point():
+            raise TypeError(f"projection must be floating point, got {projection.dtype}")
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, torch.Tensor):
+            raise TypeError("key_padding_mask must be a bool tensor")
+        if key_padding_mask.dtype != torch.bool:
+            raise TypeError(f"key_padding_mask must be torch.bool (True = attend), got {key_padding_mask.dtype}")
+        if tuple(key_padding_mask.shape) != (B, Lk):
+            raise ValueError(
+                f"key_padding_mask must have shape (B, Lk) = ({B}, {Lk}), got {tuple(key_padding_mask.shape)}"
+            )
+    if is_causal and Lq != Lk:
+        raise ValueError(f"is_causal=True needs equal query and key lengths, got Lq={Lq}, Lk={Lk}")
+    if scale is not None:
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+            raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+        if not (scale > 0 and math.isfinite(scale)):
+            raise ValueError(f"scale must be positive and finite, got {scale}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    if initial_state is not None:
+        if not is_causal:
+            raise ValueError("initial_state needs is_causal=True")
+        if not isinstance(initial_state, FavorState):
+            raise TypeError(f"initial_state must be a FavorState, got {type(initial_state).__name__}")
+        if initial_state.kv.shape[:2] != (B, H) or initial_state.kv.shape[-1] != value.shape[-1]:
+            raise ValueError(
+                f"initial_state.kv has shape {tuple(initial_state.kv.shape)}, expected (B, H, M, Dv) "
+                f"with B={B}, H={H}, Dv={value.shape[-1]}"
+            )
+        if features == "oprf" and initial_state.oprf_a is None:
+            raise ValueError("initial_state has no oprf_a but features='oprf'")
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Features and states are accumulated in float32, or float64 for float64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _causal_oprf_parameter(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """A from the first present token only (its query and key): constant over the sequence and
+    computed from nothing that lies after any output that depends on it."""
+    if mask is None:
+        first = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+    else:
+        first = mask.to(torch.int8).argmax(dim=1)  # (B,) index of the first True
+    idx = first.view(-1, 1, 1, 1).expand(-1, x.shape[1], 1, x.shape[-1])
+    return oprf_parameter(x.gather(2, idx), y.gather(2, idx))  # (B, H)
+
+
+def favor_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    projection: torch.Tensor | None,
+    *,
+    features: str | None = None,
+    kernel: str = "softmax",
+    is_causal: bool = False,
+    key_padding_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    initial_state: FavorState | None = None,
+    return_state: bool = False,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> torch.Tensor | tuple[torch.Tensor, FavorState]:
+    """Random-feature estimate of softmax(scale·QKᵀ)V in linear time and memory.
+
+    Args:
+        query: (B, H, Lq, D); key: (B, H, Lk, D); value: (B, H, Lk, Dv).
+        projection: (m, D) random matrix (rows ω_i), e.g. from
+            :func:`favor.gaussian_orthogonal_matrix`; ``None`` for the deterministic kernels.
+        features: for ``kernel="softmax"``: ``"positive"`` (default), ``"hyperbolic"``,
+            ``"trig"`` or ``"oprf"``.  Must stay ``None`` for the other kernels.
+        kernel: ``"softmax"`` | ``"relu"`` | ``"elu"``.
+        is_causal: query t attends to keys 0..t only (needs Lq == Lk).
+        key_padding_mask: bool (B, Lk), True = attend.  Masked keys reach neither the numerator
+            nor the denominator; a query with nothing to attend to gets 0.
+        scale: s in exp(s·qᵀk); default 1/√D.  Features see x = √s·q and y = √s·k.
+        initial_state: causal only: the :class:`FavorState` returned by an earlier call on the
+            preceding tokens (split/resume, recurrent decoding).
+        return_state: causal only: also return the state after the last token.
+        chunk_size: causal chunk length C (outputs do not depend on it beyond rounding).
+
+    Returns:
+        (B, H, Lq, Dv) in the input dtype, and the :class:`FavorState` if ``return_state``.
+
+    Features and states are computed in float32 (float64 for float64 inputs), also under
+    autocast.  For ``"oprf"`` the FAVOR++ parameter A is taken per (batch, head) from all query/key
+    pairs when bidirectional; when causal, from the first present token (its query and key), so
+    that no output depends on a later token, and it is carried in the state.
+    """
+    if kernel == "softmax" and features is None:
+        features = "positive"
+    if return_state and not is_causal:
+        raise ValueError("return_state needs is_causal=True")
+    _validate(query, key, value, projection, features, kernel, is_causal, key_padding_mask,
+              scale, initial_state, chunk_size)
+    out_dtype = query.dtype
+    cdtype = _compute_dtype(out_dtype)
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+    with torch.autocast(device_type=query.device.type, enabled=False):
+        root = math.sqrt(scale)
+        x = query.to(cdtype) * root  # (B, H, Lq, D)
+        y = key.to(cdtype) * root  # (B, H, Lk, D)
+        v = value.to(cdtype)
+        proj = None if projection is None else projection.to(device=query.device, dtype=cdtype)
+
+        oprf_a = None
+        if features == "oprf" and kernel == "softmax":
+            if initial_state is not None:
+                oprf_a = initial_state.oprf_a.to(cdtype)
+            elif is_causal:
+                oprf_a = _causal_oprf_parameter(x, y, key_padding_mask)
+            else:
+                mask = None if key_padding_mask is None else key_padding_mask.unsqueeze(1)
+                oprf_a = oprf_parameter(x, y, mask)  # (B, H)
+        fq = feature_map(x, proj, features, kernel=kernel, oprf_a=oprf_a)
+        fk = feature_map(y, proj, features, kernel=kernel, oprf_a=oprf_a)
+        k_psi, k_log = fk.psi, fk.log_scale
+        if key_padding_mask is not None:
+            keep = key_padding_mask.unsqueeze(1)  # (B, 1, Lk)
+            if k_log is None:
+                k_psi = k_psi * keep.unsqueeze(-1).to(cdtype)
+            else:
+                k_log = k_log.masked_fill(~keep, float("-inf"))
+        if is_causal:
+            if initial_state is not None:
+                initial_state = FavorState(*(None if t is None else t.to(cdtype) for t in initial_state))
+            out, state = causal_linear_attention(
+                fq.psi, k_psi, v, k_log, chunk_size=chunk_size, initial_state=initial_state
+            )
+            state = state._replace(oprf_a=oprf_a)
+        else:
+            out = linear_attention(fq.psi, k_psi, v, k_log)
+            state = None
+    out = out.to(out_dtype)
+    return (out, state) if return_state else out
+
+
+def favor_attention_step(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    projection: torch.Tensor | None,
+    state: FavorState | None,
+    *,
+    features: str | None = None,
+    kernel: str = "softmax",
+    scale: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, FavorState]:
+    """One recurrent decoding step: (B, H, 1, D) query/key, (B, H, 1, Dv) value, previous state
+    (``None`` at the first token) -> ((B, H, 1, Dv) output, new state).  O(M·Dv) per token,
+    independent of how many tokens came before."""
+    if query.dim() == 4 and query.shape[2] != 1:
+        raise ValueError(f"favor_attention_step takes one token (L=1), got query {tuple(query.shape)}")
+    return favor_attention(
+        query, key, value, projection, features=features, kernel=kernel, is_causal=True,
+        key_padding_mask=key_padding_mask, scale=scale, initial_state=state, return_state=True,
+    )

@@ -1,0 +1,180 @@
+"""Feature maps φ such that φ(x)ᵀφ(y) estimates a kernel K(x, y).
+
+Dimension key: ``...`` leading dims (usually B, H), L sequence, d head dim, m projections,
+M = number of output features (m, or 2m for ``hyperbolic``/``trig``).
+
+Softmax kernel exp(xᵀy) (``kernel="softmax"``), with ω_i the rows of the (m, d) projection:
+
+* ``positive``  (FAVOR+)  φ(x) = exp(ω_iᵀx − ‖x‖²/2) / √m
+* ``hyperbolic``          φ(x) = exp(−‖x‖²/2) / √(2m) · [exp(ω_iᵀx), exp(−ω_iᵀx)]
+* ``trig``      (FAVOR)   φ(x) = exp(‖x‖²/2) / √m · [sin(ω_iᵀx), cos(ω_iᵀx)]
+* ``oprf``      (FAVOR++) φ(x) = D·exp(A‖ω_i‖² + B ω_iᵀx − ‖x‖²/2) / √m,
+                          B = √(1 − 4A), D = (1 − 4A)^{d/4}, A < 0 from :func:`oprf_parameter`.
+
+Generalised kernels (``kernel="relu" | "elu"``): φ(x) = relu(Wx) + ε (ε = :data:`RELU_EPSILON`)
+and φ(x) = elu(Wx) + 1, with W the projection or the identity when it is ``None``.
+
+Stabilisation.  Every map is returned in factored form φ(x) = exp(h(x)) · ψ(x) where ψ is bounded
+(|ψ| ≤ 1 for the exponential kinds, whose maximum entry is exactly 1) and h is a per-vector log
+scale.  The attention kernels never form exp(h) on its own: keys enter through exp(h_j − c) with
+a shift c shared by all keys (the running maximum of h, which looks only at past keys in causal
+mode), and per-query factors cancel in the normalisation D⁻¹.  So nothing overflows, and no
+per-key shift biases the estimator.  For the exponential kinds h carries no gradient (it is a pure
+shift: exp(h)·exp(u − h) with the same detached h in both factors has the gradient of exp(u)); for
+``trig`` h = ‖x‖²/2 − ½ log m is part of the feature and is differentiated.
+
+ε for ReLU: 1e-3 keeps every row of the estimated attention matrix strictly positive (an
+all-zero feature vector would give a 0/0 row) while perturbing the kernel by a relative O(ε).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+__all__ = [
+    "FEATURES",
+    "KERNELS",
+    "RELU_EPSILON",
+    "Features",
+    "feature_map",
+    "num_features",
+    "oprf_parameter",
+    "oprf_parameter_from_rho",
+    "random_features",
+]
+
+FEATURES = ("positive", "hyperbolic", "trig", "oprf")
+KERNELS = ("softmax", "relu", "elu")
+RELU_EPSILON = 1e-3
+
+
+class Features(NamedTuple):
+    """φ = exp(log_scale)[..., None] · psi.
+
+    psi: (..., L, M) bounded features; log_scale: (..., L) or ``None`` (meaning 0, for relu/elu).
+    """
+
+    psi: torch.Tensor
+    log_scale: torch.Tensor | None
+
+
+def num_features(m: int, features: str, kernel: str = "softmax") -> int:
+    """Number M of output features for m projections."""
+    if kernel == "softmax" and features in ("hyperbolic", "trig"):
+        return 2 * m
+    return m
+
+
+def oprf_parameter_from_rho(rho: torch.Tensor) -> torch.Tensor:
+    """Closed-form variance-minimising A < 0 of FAVOR++: A = (1 − 2ρ − √((2ρ+1)² + 8ρ)) / 16."""
+    return (1 - 2 * rho - torch.sqrt((2 * rho + 1) ** 2 + 8 * rho)) / 16
+
+
+def oprf_parameter(
+    x: torch.Tensor, y: torch.Tensor, y_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """A for FAVOR++ from ρ = mean over all pairs (i, j) of ‖x_i + y_j‖² / d.
+
+    x: (..., Lx, d) scaled queries, y: (..., Ly, d) scaled keys, y_mask: (..., Ly) bool (True =
+    key present) or None.  Computed in O(L d) from the means:
+    mean‖x_i + y_j‖² = mean‖x‖² + mean‖y‖² + 2 x̄ᵀȳ.  Returns A with shape (...,), detached: A is a
+    variance-reduction hyperparameter, the estimator is unbiased for every A < 0.
+    """
+    x, y = x.detach(), y.detach()
+    d = x.shape[-1]
+    x_sq = x.pow(2).sum(-1).mean(-1)  # (...)
+    x_bar = x.mean(-2)  # (..., d)
+    if y_mask is None:
+        y_sq = y.pow(2).sum(-1).mean(-1)
+        y_bar = y.mean(-2)
+    else:
+        w = y_mask.to(y.dtype)  # (..., Ly)
+        count = w.sum(-1).clamp_min(1)
+        y_sq = (y.pow(2).sum(-1) * w).sum(-1) / count
+        y_bar = (y * w.unsqueeze(-1)).sum(-2) / count.unsqueeze(-1)
+    rho = (x_sq + y_sq + 2 * (x_bar * y_bar).sum(-1)) / d
+    return oprf_parameter_from_rho(rho.clamp_min(0))
+
+
+def _check_kind(features: str, kernel: str) -> None:
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}; expected one of {KERNELS}")
+    if kernel == "softmax" and features not in FEATURES:
+        raise ValueError(f"unknown features {features!r}; expected one of {FEATURES}")
+
+
+def _oprf_logits(
+    x: torch.Tensor, proj: torch.Tensor, oprf_a: torch.Tensor | None
+) -> torch.Tensor:
+    if oprf_a is None:
+        raise ValueError("features='oprf' needs oprf_a (see oprf_parameter)")
+    d = x.shape[-1]
+    a = oprf_a.to(x.dtype)[..., None, None]  # (..., 1, 1)
+    one_minus_4a = 1 - 4 * a
+    log_d = (d / 4) * torch.log(one_minus_4a)
+    wx = x @ proj.T  # (..., L, m)
+    return a * proj.pow(2).sum(-1) + torch.sqrt(one_minus_4a) * wx + log_d
+
+
+def feature_map(
+    x: torch.Tensor,
+    projection: torch.Tensor | None,
+    features: str = "positive",
+    *,
+    kernel: str = "softmax",
+    oprf_a: torch.Tensor | None = None,
+) -> Features:
+    """Stabilised features of x: (..., L, d) -> :class:`Features` with psi (..., L, M).
+
+    ``x`` is already scaled (x = √scale · q).  ``oprf_a`` (shape (...,)) is needed for ``oprf``.
+    Computation happens in ``x``'s dtype; callers pass float32 or float64.
+    """
+    _check_kind(features, kernel)
+    if kernel != "softmax":
+        wx = x if projection is None else x @ projection.T  # (..., L, m)
+        m = wx.shape[-1]
+        if kernel == "relu":
+            psi = (torch.relu(wx) + RELU_EPSILON) / math.sqrt(m)
+        else:
+            psi = torch.nn.functional.elu(wx) + 1
+        return Features(psi, None)
+
+    if projection is None:
+        raise ValueError(f"features={features!r} needs a (m, d) projection, got None")
+    m = projection.shape[0]
+    half_sq_norm = 0.5 * x.pow(2).sum(-1, keepdim=True)  # (..., L, 1)
+    if features == "trig":
+        wx = x @ projection.T  # (..., L, m)
+        psi = torch.cat((torch.sin(wx), torch.cos(wx)), dim=-1)  # (..., L, 2m)
+        return Features(psi, half_sq_norm.squeeze(-1) - 0.5 * math.log(m))
+
+    if features == "positive":
+        logits = x @ projection.T - half_sq_norm - 0.5 * math.log(m)
+    elif features == "hyperbolic":
+        wx = x @ projection.T
+        logits = torch.cat((wx, -wx), dim=-1) - half_sq_norm - 0.5 * math.log(2 * m)
+    else:  # oprf
+        logits = _oprf_logits(x, projection, oprf_a) - half_sq_norm - 0.5 * math.log(m)
+    log_scale = logits.detach().amax(-1)  # (..., L)
+    return Features(torch.exp(logits - log_scale.unsqueeze(-1)), log_scale)
+
+
+def random_features(
+    x: torch.Tensor,
+    projection: torch.Tensor | None,
+    features: str = "positive",
+    *,
+    kernel: str = "softmax",
+    oprf_a: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Unstabilised φ(x): (..., L, d) -> (..., L, M), with φ(x)ᵀφ(y) ≈ K(x, y).
+
+    For tests, references and analysis; attention uses the stabilised :func:`feature_map`.
+    """
+    f = feature_map(x, projection, features, kernel=kernel, oprf_a=oprf_a)
+    if f.log_scale is None:
+        return f.psi
+    return torch.exp(f.log_scale).unsqueeze(-1) * f.psi

@@ -1,0 +1,156 @@
+"""Linear-attention kernels on precomputed features (no nn.Module, no feature maps).
+
+Dimension key: B batch, H heads, L (Lq, Lk) sequence, M features, Dv value dim, C chunk size.
+
+Both kernels take features in the factored form φ(k_j) = exp(h_j)·ψ_k[j] (see
+:mod:`favor.feature_maps`); query features ψ_q may carry any positive per-query factor, which
+cancels in the normalisation.  Keys enter as exp(h_j − c)·ψ_k[j] with a shift c shared by all keys:
+
+* bidirectional: c = max_j h_j over the present keys;
+* causal: c_t = max_{j ≤ t} h_j, the running maximum, so no output looks at a future key.  The
+  state is kept relative to the running maximum of the keys consumed so far and rescaled by
+  exp(c_old − c_new) ≤ 1 when it grows.
+
+Masked keys have h_j = −inf (weight exactly 0), so they reach neither the numerator nor the
+denominator.  A row with nothing to attend to (denominator exactly 0) gets output 0.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "FavorState",
+    "causal_linear_attention",
+    "linear_attention",
+]
+
+DEFAULT_CHUNK_SIZE = 64
+
+
+class FavorState(NamedTuple):
+    """Recurrent state of causal FAVOR attention after a prefix of keys.
+
+    kv:        (B, H, M, Dv)  Σ_j exp(h_j − log_scale) ψ_k[j] v_jᵀ
+    k_sum:     (B, H, M)      Σ_j exp(h_j − log_scale) ψ_k[j]
+    log_scale: (B, H)         running max of h over the keys seen (−inf before any key)
+    oprf_a:    (B, H) or None FAVOR++ parameter fixed for the whole sequence
+    """
+
+    kv: torch.Tensor
+    k_sum: torch.Tensor
+    log_scale: torch.Tensor
+    oprf_a: torch.Tensor | None = None
+
+
+def _finite_or_zero(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(torch.isfinite(x), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def _normalise(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """num / den[..., None], with 0 where den == 0 (nothing to attend to)."""
+    den = den.unsqueeze(-1)
+    safe = torch.where(den == 0, torch.ones((), dtype=den.dtype, device=den.device), den)
+    return num / safe
+
+
+def _key_weights(k_log_scale: torch.Tensor | None, shift: torch.Tensor) -> torch.Tensor | None:
+    """exp(h_j − shift) with −inf − finite → 0; shift (B, H) broadcast over L."""
+    if k_log_scale is None:
+        return None
+    return torch.exp(k_log_scale - shift.unsqueeze(-1))
+
+
+def linear_attention(
+    q_feat: torch.Tensor,
+    k_feat: torch.Tensor,
+    value: torch.Tensor,
+    k_log_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Bidirectional D⁻¹ Q′(K′ᵀV) in O(L·M·Dv) time and O(M·Dv) extra memory.
+
+    q_feat (B, H, Lq, M), k_feat (B, H, Lk, M), value (B, H, Lk, Dv),
+    k_log_scale (B, H, Lk) or None  ->  (B, H, Lq, Dv).
+    """
+    if k_log_scale is not None:
+        shift = _finite_or_zero(k_log_scale.detach().amax(-1))  # (B, H)
+        w = _key_weights(k_log_scale, shift)  # (B, H, Lk)
+        k_feat = k_feat * w.unsqueeze(-1)
+    kv = k_feat.transpose(-1, -2) @ value  # (B, H, M, Dv)
+    k_sum = k_feat.sum(-2)  # (B, H, M)
+    num = q_feat @ kv  # (B, H, Lq, Dv)
+    den = (q_feat @ k_sum.unsqueeze(-1)).squeeze(-1)  # (B, H, Lq)
+    return _normalise(num, den)
+
+
+def empty_state(
+    batch: int, heads: int, m: int, dv: int, *, dtype: torch.dtype, device: torch.device,
+    oprf_a: torch.Tensor | None = None,
+) -> FavorState:
+    """The state before any key."""
+    return FavorState(
+        torch.zeros(batch, heads, m, dv, dtype=dtype, device=device),
+        torch.zeros(batch, heads, m, dtype=dtype, device=device),
+        torch.full((batch, heads), float("-inf"), dtype=dtype, device=device),
+        oprf_a,
+    )
+
+
+def causal_linear_attention(
+    q_feat: torch.Tensor,
+    k_feat: torch.Tensor,
+    value: torch.Tensor,
+    k_log_scale: torch.Tensor | None = None,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    initial_state: FavorState | None = None,
+) -> tuple[torch.Tensor, FavorState]:
+    """Causal linear attention, chunk-wise: out_t = Σ_{j≤t} φ_tᵀφ_j v_j / Σ_{j≤t} φ_tᵀφ_j.
+
+    q_feat, k_feat (B, H, L, M), value (B, H, L, Dv), k_log_scale (B, H, L) or None.
+    Inside a chunk the masked C×C score matrix is used (matmuls); between chunks a running
+    state (:class:`FavorState`) carries Σ φ(k)vᵀ and Σ φ(k).  Memory is O(L·(M + Dv) + C² + M·Dv);
+    no L×M×Dv tensor is formed.  Returns (out (B, H, L, Dv), final state).
+    """
+    B, H, L, M = q_feat.shape
+    Dv = value.shape[-1]
+    state = initial_state or empty_state(B, H, M, Dv, dtype=q_feat.dtype, device=q_feat.device)
+    kv, k_sum, log_scale = state.kv, state.k_sum, state.log_scale
+    outs = []
+    for start in range(0, L, chunk_size):
+        stop = min(start + chunk_size, L)
+        qc = q_feat[:, :, start:stop]  # (B, H, C, M)
+        kc = k_feat[:, :, start:stop]  # (B, H, C, M)
+        vc = value[:, :, start:stop]  # (B, H, C, Dv)
+        C = stop - start
+        future = torch.ones(C, C, dtype=torch.bool, device=q_feat.device).triu_(1)  # j > t
+        scores = qc @ kc.transpose(-1, -2)  # (B, H, C, C)
+        if k_log_scale is None:
+            scores = scores.masked_fill(future, 0.0)
+            num = qc @ kv + scores @ vc
+            den = (qc @ k_sum.unsqueeze(-1)).squeeze(-1) + scores.sum(-1)
+            kv = kv + kc.transpose(-1, -2) @ vc
+            k_sum = k_sum + kc.sum(-2)
+        else:
+            hc = k_log_scale[:, :, start:stop]  # (B, H, C)
+            # running max of h up to and including t: shift for query t (detached: a pure shift)
+            run = torch.maximum(log_scale.unsqueeze(-1), torch.cummax(hc.detach(), dim=-1).values)
+            ref = _finite_or_zero(run)  # (B, H, C)
+            diff = (hc.unsqueeze(-2) - ref.unsqueeze(-1)).masked_fill(future, float("-inf"))
+            scores = scores * torch.exp(diff)  # (B, H, C, C): weight exp(h_j − c_t) ≤ 1
+            carry = torch.exp(log_scale.unsqueeze(-1) - ref)  # (B, H, C), ≤ 1, 0 before any key
+            num = carry.unsqueeze(-1) * (qc @ kv) + scores @ vc
+            den = carry * (qc @ k_sum.unsqueeze(-1)).squeeze(-1) + scores.sum(-1)
+            new_log_scale = run[:, :, -1]
+            new_ref = _finite_or_zero(new_log_scale)  # (B, H)
+            decay = torch.exp(log_scale - new_ref)  # (B, H)
+            kw = kc * torch.exp(hc - new_ref.unsqueeze(-1)).unsqueeze(-1)  # (B, H, C, M)
+            kv = decay[..., None, None] * kv + kw.transpose(-1, -2) @ vc
+            k_sum = decay.unsqueeze(-1) * k_sum + kw.sum(-2)
+            log_scale = new_log_scale
+        outs.append(_normalise(num, den))
+    out = torch.cat(outs, dim=2) if outs else value.new_zeros(B, H, 0, Dv)
+    return out, FavorState(kv, k_sum, log_scale, state.oprf_a)

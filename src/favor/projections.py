@@ -1,0 +1,259 @@
+"""Random projection matrices for random-feature attention.
+
+Every function returns a ``(m, d)`` tensor whose rows are the projection vectors ω_i ∈ R^d
+and takes keyword-only ``generator``, ``device`` and ``dtype`` arguments.  All draws are made
+on the generator's device in float64 (so that QR and the rotations are accurate) and cast at the
+end, so the same seeded generator yields the same matrix on every machine and rank.
+
+Row norms (``scaling``):
+    ``"chi"``     each row's norm is drawn from the chi(d) distribution, so every row is
+                  marginally N(0, I_d) and the random-feature estimators stay unbiased;
+    ``"sqrt_d"``  every row has norm √d (the deterministic "regularised" variant).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+__all__ = [
+    "PROJECTIONS",
+    "SCALINGS",
+    "HadamardProjection",
+    "gaussian_iid_matrix",
+    "gaussian_orthogonal_matrix",
+    "givens_orthogonal_matrix",
+    "hadamard_orthogonal_matrix",
+    "hadamard_projection",
+    "hadamard_transform",
+    "projection_matrix",
+]
+
+Scaling = Literal["chi", "sqrt_d"]
+SCALINGS = ("chi", "sqrt_d")
+PROJECTIONS = ("orthogonal", "iid", "hadamard", "givens")
+
+
+def _check_sizes(m: int, d: int) -> None:
+    for name, value in (("m", m), ("d", d)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        if value <= 0:
+            raise ValueError(f"{name} must be positive, got {name}={value}")
+
+
+def _generator_device(generator: torch.Generator | None) -> torch.device:
+    return generator.device if generator is not None else torch.device("cpu")
+
+
+def _row_norms(
+    m: int, d: int, scaling: str, generator: torch.Generator | None
+) -> torch.Tensor:
+    """(m,) row norms: chi(d) draws (norms of Gaussian vectors) or the constant √d."""
+    dev = _generator_device(generator)
+    if scaling == "chi":
+        return torch.randn(m, d, generator=generator, device=dev, dtype=torch.float64).norm(dim=1)
+    if scaling == "sqrt_d":
+        return torch.full((m,), math.sqrt(d), device=dev, dtype=torch.float64)
+    raise ValueError(f"unknown scaling {scaling!r}; expected one of {SCALINGS}")
+
+
+def _finish(w: torch.Tensor, device, dtype) -> torch.Tensor:
+    return w.to(device=device if device is not None else w.device, dtype=dtype or torch.get_default_dtype())
+
+
+def gaussian_iid_matrix(
+    m: int,
+    d: int,
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """(m, d) matrix of i.i.d. N(0, 1) entries."""
+    _check_sizes(m, d)
+    w = torch.randn(m, d, generator=generator, device=_generator_device(generator), dtype=torch.float64)
+    return _finish(w, device, dtype)
+
+
+def _haar_orthogonal_block(d: int, generator: torch.Generator | None) -> torch.Tensor:
+    """(d, d) Haar-distributed orthogonal matrix: QR of a Gaussian matrix with the sign fix."""
+    g = torch.randn(d, d, generator=generator, device=_generator_device(generator), dtype=torch.float64)
+    q, r = torch.linalg.qr(g)
+    # Without the sign correction Q is not Haar distributed (Mezzadri, 2007).
+    q = q * torch.sign(torch.diagonal(r)).unsqueeze(0)
+    return q.T  # rows are orthonormal
+
+
+def gaussian_orthogonal_matrix(
+    m: int,
+    d: int,
+    *,
+    scaling: Scaling = "chi",
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """(m, d) block-orthogonal Gaussian matrix (ORF).
+
+    Rows are exactly orthogonal within each block of d rows; ⌈m/d⌉ independent Haar blocks are
+    stacked and the last one truncated.  Row norms follow ``scaling`` (see module docstring).
+    """
+    _check_sizes(m, d)
+    blocks = [_haar_orthogonal_block(d, generator) for _ in range(math.ceil(m / d))]
+    w = torch.cat(blocks, dim=0)[:m]
+    w = w * _row_norms(m, d, scaling, generator).unsqueeze(1)
+    return _finish(w, device, dtype)
+
+
+def hadamard_transform(x: torch.Tensor) -> torch.Tensor:
+    """Normalised fast Walsh–Hadamard transform over the last dimension (a power of two).
+
+    O(n log n) per vector; ``hadamard_transform(hadamard_transform(x)) == x``.
+    """
+    n = x.shape[-1]
+    if n & (n - 1) != 0:
+        raise ValueError(f"hadamard_transform needs a power-of-two last dimension, got {n}")
+    lead = x.shape[:-1]
+    y = x.reshape(-1, n)
+    h = 1
+    while h < n:
+        y = y.reshape(-1, n // (2 * h), 2, h)  # (N, pairs, 2, h)
+        a, b = y[:, :, 0], y[:, :, 1]
+        y = torch.stack((a + b, a - b), dim=2)
+        h *= 2
+    return (y.reshape(*lead, n)) / math.sqrt(n)
+
+
+@dataclass(frozen=True)
+class HadamardProjection:
+    """Structured ORF ω = norms ⊙ rows of (H D₁ H D₂ H D₃) per block, applied in O(m log d).
+
+    ``signs``: (blocks, 3, d_pad) random ±1 diagonals; ``norms``: (m,) row norms.
+    """
+
+    m: int
+    d: int
+    signs: torch.Tensor
+    norms: torch.Tensor
+
+    @property
+    def d_pad(self) -> int:
+        return self.signs.shape[-1]
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ Wᵀ without materialising W: (..., d) -> (..., m), O(m log d) per vector."""
+        if x.shape[-1] != self.d:
+            raise ValueError(f"input has {x.shape[-1]} features but the projection has d={self.d}")
+        signs = self.signs.to(x)
+        xp = torch.nn.functional.pad(x, (0, self.d_pad - self.d))  # (..., d_pad)
+        xp = xp.unsqueeze(-2)  # (..., 1, d_pad), broadcast over blocks
+        y = hadamard_transform(xp * signs[:, 2])
+        y = hadamard_transform(y * signs[:, 1])
+        y = hadamard_transform(y * signs[:, 0])  # (..., blocks, d_pad)
+        y = y[..., : self.d].reshape(*x.shape[:-1], -1)[..., : self.m]  # d rows per block
+        return y * self.norms.to(x)
+
+    def to_dense(self, *, device=None, dtype=None) -> torch.Tensor:
+        eye = torch.eye(self.d, dtype=torch.float64, device=self.signs.device)
+        w = self.apply(eye).T  # column j of x@Wᵀ for x = e_j is W[:, j]
+        return _finish(w, device, dtype)
+
+
+def hadamard_projection(
+    m: int,
+    d: int,
+    *,
+    scaling: Scaling = "chi",
+    generator: torch.Generator | None = None,
+) -> HadamardProjection:
+    """Draw the structured Hadamard ORF as a :class:`HadamardProjection` (fast ``apply``)."""
+    _check_sizes(m, d)
+    d_pad = 1 << (d - 1).bit_length()
+    blocks = math.ceil(m / d)
+    dev = _generator_device(generator)
+    bits = torch.randint(0, 2, (blocks, 3, d_pad), generator=generator, device=dev)
+    signs = bits.to(torch.float64) * 2 - 1
+    return HadamardProjection(m, d, signs, _row_norms(m, d, scaling, generator))
+
+
+def hadamard_orthogonal_matrix(
+    m: int,
+    d: int,
+    *,
+    scaling: Scaling = "chi",
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """(m, d) dense form of :func:`hadamard_projection` (same draws for the same generator).
+
+    Each block holds d rows of H D₁ H D₂ H D₃ (d padded to a power of two, then the first d rows
+    and columns kept).  Rows are exactly orthogonal when d is a power of two; otherwise the
+    column truncation makes them only nearly so.
+    """
+    return hadamard_projection(m, d, scaling=scaling, generator=generator).to_dense(device=device, dtype=dtype)
+
+
+def givens_orthogonal_matrix(
+    m: int,
+    d: int,
+    *,
+    scaling: Scaling = "chi",
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """(m, d) block-orthogonal matrix from ⌈d log₂ d⌉ random Givens rotations per block.
+
+    Each rotation acts on a random pair of distinct coordinates (i ≠ j) with a uniform angle, so
+    every block is exactly orthogonal.
+    """
+    _check_sizes(m, d)
+    dev = _generator_device(generator)
+    n_rot = max(1, math.ceil(d * math.log2(d))) if d > 1 else 0
+    blocks = []
+    for _ in range(math.ceil(m / d)):
+        g = torch.eye(d, dtype=torch.float64, device=dev)
+        if d > 1:
+            first = torch.randint(0, d, (n_rot,), generator=generator, device=dev)
+            offset = torch.randint(1, d, (n_rot,), generator=generator, device=dev)
+            second = (first + offset) % d  # distinct from first
+            angles = torch.rand(n_rot, generator=generator, device=dev, dtype=torch.float64) * (2 * math.pi)
+            cos, sin = torch.cos(angles), torch.sin(angles)
+            for i, j, c, s in zip(first.tolist(), second.tolist(), cos.tolist(), sin.tolist()):
+                gi, gj = g[i].clone(), g[j]
+                g[i] = c * gi - s * gj
+                g[j] = s * gi + c * gj
+        blocks.append(g)
+    w = torch.cat(blocks, dim=0)[:m]
+    w = w * _row_norms(m, d, scaling, generator).unsqueeze(1)
+    return _finish(w, device, dtype)
+
+
+def projection_matrix(
+    kind: str,
+    m: int,
+    d: int,
+    *,
+    scaling: Scaling = "chi",
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Dispatch by name: ``"orthogonal" | "iid" | "hadamard" | "givens"``."""
+    if kind == "iid":
+        if scaling != "chi":
+            raise ValueError("scaling applies to orthogonal projections only; iid rows are plain Gaussians")
+        return gaussian_iid_matrix(m, d, generator=generator, device=device, dtype=dtype)
+    builders = {
+        "orthogonal": gaussian_orthogonal_matrix,
+        "hadamard": hadamard_orthogonal_matrix,
+        "givens": givens_orthogonal_matrix,
+    }
+    if kind not in builders:
+        raise ValueError(f"unknown projection {kind!r}; expected one of {PROJECTIONS}")
+    return builders[kind](m, d, scaling=scaling, generator=generator, device=device, dtype=dtype)
