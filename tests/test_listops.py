@@ -1,0 +1,211 @@
+"""ListOps generator, evaluator and tokenizer (favor.data.listops), and the classifier training
+loop (favor.lra) on a tiny configuration."""
+
+from __future__ import annotations
+
+import collections
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from favor.data import listops as lo
+
+
+# ---------------------------------------------------------------- evaluator on hand-made cases
+
+HAND_MADE = [
+    ("7", 7, 1),
+    ("[MAX 2 9 [MIN 4 7 ] 0 ]", 9, 3),
+    ("[MIN 4 7 ]", 4, 2),
+    ("[MIN 8 [MAX 1 3 ] 5 ]", 3, 3),
+    ("[MED 3 1 2 ]", 2, 2),
+    ("[MED 1 2 3 4 ]", 2, 2),  # median 2.5 -> int() -> 2, as LRA's int(np.median)
+    ("[MED 9 8 ]", 8, 2),  # 8.5 -> 8
+    ("[SM 5 7 9 ]", 1, 2),  # 21 mod 10
+    ("[SM [MAX 3 8 ] [MED 1 9 ] 4 ]", 7, 3),  # 8 + 5 + 4 = 17
+    ("[SM 0 0 ]", 0, 2),
+    ("[MAX [MIN [SM 9 9 ] [MED 6 6 6 ] ] 1 ]", 6, 4),  # min(8, 6) = 6
+]
+
+
+@pytest.mark.parametrize("expr,value,depth", HAND_MADE, ids=[e for e, _, _ in HAND_MADE])
+def test_evaluate_hand_made(expr, value, depth):
+    assert lo.evaluate(expr) == value
+    assert lo.evaluate(expr.split()) == value
+    assert lo.expression_depth(expr) == depth
+
+
+def _reference_value(tokens: list[str]) -> int:
+    """Independent recursive evaluator with numpy's median (LRA's to_value)."""
+
+    def parse(i):
+        tok = tokens[i]
+        if tok not in lo.OPERATORS:
+            return int(tok), i + 1
+        args, i = [], i + 1
+        while tokens[i] != lo.END:
+            v, i = parse(i)
+            args.append(v)
+        fn = {"[MIN": min, "[MAX": max, "[MED": lambda a: int(np.median(a)), "[SM": lambda a: int(np.sum(a)) % 10}
+        return fn[tok](args), i + 1
+
+    value, end = parse(0)
+    assert end == len(tokens)
+    return value
+
+
+def test_evaluate_matches_numpy_reference_on_random_expressions():
+    rng = random.Random(3)
+    exprs = [lo.generate_expression(rng, max_depth=6, max_args=7) for _ in range(400)]
+    assert sum(len(e) > 1 for e in exprs) > 50  # enough real expressions, not just digits
+    for e in exprs:
+        assert lo.evaluate(e) == _reference_value(e)
+
+
+@pytest.mark.parametrize(
+    "expr,match",
+    [
+        ("", "empty"),
+        ("[MAX 1 2", "not closed"),
+        ("[MAX 1 2 ] ]", "after the end"),
+        ("]", "unbalanced"),
+        ("[MAX ]", "no arguments"),
+        ("[MAX 1 12 ]", "unknown ListOps token '12'"),
+        ("[FIRST 1 2 ]", "unknown ListOps token"),
+        ("1 2", "after the end"),
+    ],
+    ids=["empty", "unclosed", "extra-close", "lone-close", "no-args", "two-digit", "unknown-op", "two-roots"],
+)
+def test_evaluate_rejects_malformed(expr, match):
+    with pytest.raises(ValueError, match=match):
+        lo.evaluate(expr)
+
+
+# ---------------------------------------------------------------- generator distribution
+
+def test_unfiltered_generator_follows_lra_probabilities():
+    rng = random.Random(0)
+    n = 6000
+    exprs = [lo.generate_expression(rng, max_depth=3, max_args=5) for _ in range(n)]
+    roots_op = sum(len(e) > 1 for e in exprs) / n
+    assert abs(roots_op - 0.25) < 0.02  # a node is an operator with probability 1/4
+    # argument counts of the root operators: uniform on 2..5
+    counts = collections.Counter()
+    ops = collections.Counter()
+    for e in exprs:
+        if len(e) == 1:
+            continue
+        ops[e[0]] += 1
+        depth, nargs = 0, 0
+        for tok in e[1:-1]:
+            if depth == 0 and tok != lo.END:
+                nargs += 1
+            depth += (tok in lo.OPERATORS) - (tok == lo.END)
+        counts[nargs] += 1
+    assert set(counts) == {2, 3, 4, 5}
+    total = sum(counts.values())
+    for k in counts:
+        assert abs(counts[k] / total - 0.25) < 0.05
+    assert set(ops) == set(lo.OPERATORS)
+    for op in ops:
+        assert abs(ops[op] / total - 0.25) < 0.05
+    assert max(lo.expression_depth(e) for e in exprs) == 3  # never deeper than max_depth
+
+
+@pytest.fixture(scope="module")
+def lra_sample():
+    """200 expressions with LRA's default filter (500 < length < 2000, depth 10, 10 arguments)."""
+    return lo.generate_splits({"train": 150, "val": 25, "test": 25}, seed=0)
+
+
+def test_lra_length_and_depth_distribution(lra_sample):
+    lens = torch.cat([s.lengths for s in lra_sample.values()])
+    assert len(lens) == 200
+    assert int(lens.min()) > 500 and int(lens.max()) < 2000  # LRA's strict filter
+    median = float(lens.float().median())
+    assert 800 < median < 1250  # measured ~1000 over 2,000 expressions with seed 0
+    assert 0.25 < float((lens >= 1000).float().mean()) < 0.75  # both halves of the range populated
+    assert float((lens >= 1500).float().mean()) > 0.05
+    depths = [lo.expression_depth(s.example(i)[0]) for s in lra_sample.values() for i in range(len(s))]
+    assert max(depths) <= 10 and min(depths) >= 8  # long expressions reach (nearly) the maximum depth
+
+
+def test_lra_sample_is_valid_unique_and_labelled(lra_sample):
+    seen = set()
+    labels = []
+    for split in lra_sample.values():
+        for i in range(len(split)):
+            tokens, label = split.example(i)
+            assert lo.evaluate(tokens) == label
+            assert tokens[0] in lo.OPERATORS and tokens[-1] == lo.END
+            seen.add(tuple(tokens))
+            labels.append(label)
+    assert len(seen) == 200  # no duplicates within or across splits
+    counts = collections.Counter(labels)
+    assert set(counts) <= set(range(10)) and len(counts) >= 8
+    assert max(counts.values()) / len(labels) < 0.3  # no label dominates (majority ~17%)
+
+
+def test_generation_is_deterministic_and_seeded():
+    a = lo.generate_splits({"train": 4, "test": 2}, seed=5, min_length=20, max_length=60, max_depth=5)
+    b = lo.generate_splits({"train": 4, "test": 2}, seed=5, min_length=20, max_length=60, max_depth=5)
+    c = lo.generate_splits({"train": 4, "test": 2}, seed=6, min_length=20, max_length=60, max_depth=5)
+    for name in ("train", "test"):
+        assert torch.equal(a[name].tokens, b[name].tokens) and torch.equal(a[name].labels, b[name].labels)
+    assert not torch.equal(a["train"].tokens, c["train"].tokens)
+    # a smaller split is a prefix of the same stream
+    d = lo.generate_splits({"train": 2}, seed=5, min_length=20, max_length=60, max_depth=5)
+    assert torch.equal(d["train"].tokens, a["train"].tokens[: int(a["train"].offsets[2])])
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(min_length=600, max_length=600), "max_length"),
+        (dict(max_depth=1), "max_depth"),
+        (dict(max_args=1), "max_args"),
+        (dict(max_depth=3, max_args=3, min_length=50), "at most 17 tokens"),
+    ],
+    ids=["empty-length-range", "depth-1", "args-1", "impossible-length"],
+)
+def test_generator_rejects_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        lo.generate_splits({"train": 1}, seed=0, **kwargs)
+
+
+# ---------------------------------------------------------------- tokenizer, batching, storage
+
+def test_encode_decode_round_trip():
+    expr = "[MAX 2 9 [MIN 4 7 ] 0 ]"
+    ids = lo.encode(expr.split())
+    assert lo.decode(ids) == expr
+    assert len(lo.VOCAB) == 17 and lo.VOCAB[lo.PAD_ID] == "<pad>" and lo.VOCAB[lo.CLS_ID] == "<cls>"
+    with pytest.raises(ValueError, match="'10'"):
+        lo.encode(["10"])
+
+
+@pytest.mark.parametrize("cls", [False, True], ids=["no-cls", "cls"])
+def test_batch_pads_and_masks(cls):
+    exprs = [["3"], "[MAX 2 9 [MIN 4 7 ] 0 ]".split(), "[SM 5 7 ]".split()]
+    split = lo.ListOpsSplit.from_expressions(exprs)
+    ids, mask, labels = split.batch([2, 1, 0], cls=cls)
+    assert ids.shape == (3, 9 + cls) and mask.shape == (3, 9 + cls) and mask.dtype == torch.bool
+    assert labels.tolist() == [2, 9, 3]
+    assert mask.sum(1).tolist() == [4 + cls, 9 + cls, 1 + cls]
+    assert (ids[~mask] == lo.PAD_ID).all() and (ids[mask] != lo.PAD_ID).all()
+    if cls:
+        assert (ids[:, 0] == lo.CLS_ID).all()
+    assert lo.decode(ids[0].tolist()) == "[SM 5 7 ]"
+
+
+def test_save_load_round_trip(tmp_path):
+    splits = lo.generate_splits({"train": 3, "val": 2}, seed=1, min_length=10, max_length=40, max_depth=4)
+    path = tmp_path / "lo.npz"
+    lo.save_splits(splits, path)
+    back = lo.load_splits(path)
+    assert set(back) == {"train", "val"}
+    for name in splits:
+        for field in ("tokens", "offsets", "labels"):
+            assert torch.equal(getattr(back[name], field), getattr(splits[name], field))
