@@ -17,6 +17,7 @@ from .favor_attention import (
     redraw_projections_,
     validate_favor_options,
 )
+from .multihead import MultiheadFavorAttention
 from .rotary import RotaryEmbedding, apply_rotary
 from .self_attention import ATTENTIONS, AttentionCache, FavorCache, KVCache, PerformerSelfAttention
 
@@ -26,6 +27,7 @@ __all__ = [
     "FavorAttention",
     "FavorCache",
     "KVCache",
+    "MultiheadFavorAttention",
     "PerformerSelfAttention",
     "ProjectionRedraw",
     "RotaryEmbedding",

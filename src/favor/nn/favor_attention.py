@@ -207,15 +207,18 @@ class FavorAttention(nn.Module):
         key_padding_mask: torch.Tensor | None = None,
         initial_state: FavorState | None = None,
         return_state: bool = False,
+        is_causal: bool | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, FavorState]:
         """query (B, H, Lq, D), key (B, H, Lk, D), value (B, H, Lk, Dv) -> (B, H, Lq, Dv).
 
         ``key_padding_mask``: bool (B, Lk), True = attend.  ``initial_state``/``return_state``
-        (causal modules only) carry the :class:`favor.FavorState` across calls.
+        (causal only) carry the :class:`favor.FavorState` across calls.  ``is_causal`` overrides
+        the module's setting for this call (``None``: use the module's).
         """
         return favor_attention(
             query, key, value, self.projection, features=self.features, kernel=self.kernel,
-            is_causal=self.is_causal, key_padding_mask=key_padding_mask, initial_state=initial_state,
+            is_causal=self.is_causal if is_causal is None else is_causal,
+            key_padding_mask=key_padding_mask, initial_state=initial_state,
             return_state=return_state, chunk_size=self.chunk_size,
         )
 
