@@ -128,12 +128,13 @@ class FavorAttention(nn.Module):
     Buffers:
         ``projection`` (m, D), persistent, in the default dtype (follows ``.to(dtype)``; drawn in
         float64 then cast); absent when ``projection=None``.
-        ``num_redraws`` () int64, persistent: how many argument-less :meth:`redraw_` calls were
-        made, so that the next one is reproducible after a checkpoint round-trip.
+        ``draw_state`` (2,) int64, persistent: (seed, number of argument-less :meth:`redraw_`
+        calls), so that the next argument-less redraw is reproducible after a checkpoint
+        round-trip into a module built with any seed.
     """
 
     projection: torch.Tensor | None
-    num_redraws: torch.Tensor
+    draw_state: torch.Tensor
 
     def __init__(
         self,
@@ -166,7 +167,7 @@ class FavorAttention(nn.Module):
         self.seed = seed
         self.chunk_size = chunk_size
         self.nb_features = head_dim if projection is None else nb_features
-        self.register_buffer("num_redraws", torch.zeros((), dtype=torch.long, device=device), persistent=True)
+        self.register_buffer("draw_state", torch.tensor([seed, 0], dtype=torch.long, device=device), persistent=True)
         if projection is None:
             self.projection = None
         else:
@@ -184,16 +185,17 @@ class FavorAttention(nn.Module):
     def redraw_(self, generator: torch.Generator | None = None) -> None:
         """Draw a new projection in place (same shape, device and dtype).
 
-        With ``generator``: the draw comes from it (advancing it).  Without: from a generator
-        seeded with ``derive_seed(seed, num_redraws + 1)``, and ``num_redraws`` is incremented, so
-        the k-th argument-less redraw of a module gives the same matrix in every process.
-        No-op for ``projection=None``.
+        With ``generator``: the draw comes from it (advancing it).  Without: the k-th such call
+        draws from a generator seeded with ``derive_seed(seed, k)`` (``draw_state`` counts k and is
+        saved in the ``state_dict``), so it gives the same matrix in every process and after a
+        checkpoint round-trip.  No-op for ``projection=None``.
         """
         if self.projection is None:
             return
         if generator is None:
-            self.num_redraws += 1
-            generator = torch.Generator().manual_seed(derive_seed(self.seed, int(self.num_redraws)))
+            self.draw_state[1] += 1
+            seed, count = (int(t) for t in self.draw_state)
+            generator = torch.Generator().manual_seed(derive_seed(seed, count))
         elif not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         self.projection.copy_(self._draw(generator, device=self.projection.device, dtype=self.projection.dtype))
