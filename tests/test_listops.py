@@ -209,3 +209,114 @@ def test_save_load_round_trip(tmp_path):
     for name in splits:
         for field in ("tokens", "offsets", "labels"):
             assert torch.equal(getattr(back[name], field), getattr(splits[name], field))
+
+
+# ---------------------------------------------------------------- training loop (favor.lra)
+
+import math  # noqa: E402
+
+from favor import lra  # noqa: E402
+from favor.cli import main as cli_main  # noqa: E402
+
+TINY_DATA = dict(train_size=48, val_size=12, test_size=20, min_length=10, max_length=40, max_depth=4, max_args=4)
+TINY_MODEL = dict(d_model=16, n_heads=2, n_layers=1, mlp_ratio=2.0, nb_features=8)
+
+
+def _tiny(**changes):
+    return lra.listops_config("cpu", data=TINY_DATA, model=dict(TINY_MODEL, **changes.pop("model", {})),
+                              **dict(dict(batch_size=8, steps=4, warmup=2, eval_every=2, eval_examples=12,
+                                          checkpoint_every=2), **changes))
+
+
+def test_lr_schedule_warmup_then_rsqrt():
+    cfg = lra.PRESETS["lra"]()
+    assert math.isclose(lra.lr_at(cfg.warmup, cfg), 0.05 / math.sqrt(1000))  # LRA's peak
+    assert math.isclose(lra.lr_at(1, cfg), cfg.lr / 1000)
+    assert math.isclose(lra.lr_at(4 * cfg.warmup, cfg), cfg.lr / 2)
+    assert lra.lr_at(10, cfg.replace(warmup=0)) == cfg.lr
+
+
+def test_presets_and_config_validation():
+    lra_cfg = lra.PRESETS["lra"]()
+    assert (lra_cfg.model.d_model, lra_cfg.model.n_layers, lra_cfg.model.n_heads, lra_cfg.model.mlp_hidden) == (
+        512, 6, 8, 2048)
+    assert (lra_cfg.data.train_size, lra_cfg.data.val_size, lra_cfg.data.test_size) == (96_000, 2_000, 2_000)
+    assert (lra_cfg.batch_size, lra_cfg.steps, lra_cfg.pooling) == (32, 5000, "cls")
+    cfg = lra.listops_config("cpu", data=dict(min_length=100, max_length=300), pooling="mean", seed=3)
+    assert cfg.model.max_len == 299 and cfg.model.seed == 3  # longest kept expression: 299 tokens
+    assert lra.listops_config("cpu", data=dict(min_length=100, max_length=300)).model.max_len == 300  # + <cls>
+    with pytest.raises(ValueError, match="max_len=100 is shorter"):
+        cfg.replace(**{"model.max_len": 100})
+    with pytest.raises(ValueError, match="vocab_size must be 17"):
+        cfg.replace(**{"model.vocab_size": 256})
+    with pytest.raises(ValueError, match="pooling"):
+        cfg.replace(pooling="max")
+    with pytest.raises(ValueError, match="unknown ListOps preset"):
+        lra.listops_config("gpu")
+    assert lra.ListOpsConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_batches_are_a_function_of_step_and_cover_each_epoch():
+    split = lo.generate_splits({"train": 40}, seed=0, min_length=10, max_length=40, max_depth=4)["train"]
+    cfg = _tiny(batch_size=8)
+    seen = []
+    for step in range(1, 6):  # one epoch = 5 batches
+        idx = lra._batch_for_step(split, cfg, step, {})
+        assert torch.equal(idx, lra._batch_for_step(split, cfg, step, {"epoch": 7}))
+        seen.extend(idx.tolist())
+    assert sorted(seen) == list(range(40))
+    assert not torch.equal(lra._batch_for_step(split, cfg, 1, {}), lra._batch_for_step(split, cfg, 6, {}))
+
+
+def test_padding_does_not_change_predictions():
+    cfg = _tiny()
+    torch.manual_seed(0)
+    model = lra.PerformerClassifier(cfg.model, num_classes=10, pooling="cls").eval()
+    split = lo.generate_splits({"x": 5}, seed=2, min_length=10, max_length=40, max_depth=4)["x"]
+    ids, mask, _ = split.batch(range(5), cls=True)
+    assert not mask.all()  # the batch really is padded
+    together = model(ids, key_padding_mask=mask)
+    for i in range(5):
+        one, one_mask, _ = split.batch([i], cls=True)
+        torch.testing.assert_close(model(one, key_padding_mask=one_mask), together[i:i + 1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("attention,features", [("favor", "positive"), ("favor", "oprf"), ("softmax", None)],
+                         ids=["favor-positive", "favor-oprf", "softmax"])
+def test_train_resume_equals_uninterrupted(tmp_path, attention, features):
+    cfg = _tiny(model=dict(attention=attention, features=features))
+    whole = lra.train_listops(cfg, tmp_path / "whole", data_cache=tmp_path / "cache", progress=False)
+    assert whole.steps == 4 and 0.0 <= whole.test_accuracy <= 1.0 and whole.steps_per_second > 0
+    assert [h["step"] for h in whole.history] == [2, 4]
+    lra.train_listops(cfg.replace(steps=2), tmp_path / "split", data_cache=tmp_path / "cache", progress=False)
+    resumed = lra.train_listops(cfg, tmp_path / "split", resume=True, data_cache=tmp_path / "cache", progress=False)
+    assert resumed.test_accuracy == whole.test_accuracy
+    assert resumed.test_loss == pytest.approx(whole.test_loss, abs=1e-6)
+    assert resumed.history[-1]["train_loss"] == pytest.approx(whole.history[-1]["train_loss"], abs=1e-6)
+    with pytest.raises(ValueError, match="already holds a checkpoint"):
+        lra.train_listops(cfg, tmp_path / "whole", data_cache=tmp_path / "cache", progress=False)
+    with pytest.raises(ValueError, match="different configuration"):
+        lra.train_listops(cfg.replace(lr=1e-4), tmp_path / "whole", resume=True, data_cache=tmp_path / "cache",
+                          progress=False)
+
+
+def test_cli_listops_and_plot(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["lra", "listops", "--out", str(out), "--data-cache", str(tmp_path / "cache"), "--no-progress",
+            "--train-size", "32", "--val-size", "8", "--test-size", "8", "--min-length", "10", "--max-length", "40",
+            "--max-depth", "4", "--max-args", "4", "--d-model", "16", "--n-heads", "2", "--n-layers", "1",
+            "--nb-features", "8", "--batch-size", "8", "--steps", "2", "--eval-every", "1", "--eval-examples", "8",
+            "--features", "oprf", "--pooling", "mean"]
+    assert cli_main(argv) == 0
+    text = capsys.readouterr().out
+    assert "ListOps test accuracy" in text and '"steps": 2' in text
+    stored = lra.stored_config(out)
+    assert stored.model.features == "oprf" and stored.pooling == "mean" and stored.data.train_size == 32
+    assert cli_main(argv) == 2  # exists, no --resume
+    assert "already holds a checkpoint" in capsys.readouterr().err
+    assert cli_main(["lra", "listops", "--out", str(out), "--resume", "--steps", "3", "--no-progress",
+                     "--data-cache", str(tmp_path / "cache")]) == 0
+    assert '"steps": 3' in capsys.readouterr().out
+    png = tmp_path / "fig.png"
+    assert cli_main(["lra", "plot", str(out), "--out", str(png)]) == 0
+    assert png.stat().st_size > 1000
