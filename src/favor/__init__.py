@@ -42,3 +42,13 @@ __all__ = [
     "projection_matrix",
     "random_features",
 ]
+
+
+def __getattr__(name: str):
+    # favor.performerize / favor.unperformerize live in the optional transformers adapter, which
+    # imports transformers: resolve them on first use, never at `import favor`.
+    if name in ("performerize", "unperformerize"):
+        from .integrations import transformers as _hf
+
+        return getattr(_hf, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
