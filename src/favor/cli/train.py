@@ -1,0 +1,234 @@
+"""``favor train``: train a byte-level (or protein) PerformerLM; a thin wrapper over
+:func:`favor.training.train`.
+
+The model options are generated from the fields of :class:`favor.models.PerformerConfig` and the
+trainer options from :class:`favor.training.TrainConfig` (their help is the fields' metadata), with
+the few defaults in :data:`MODEL_DEFAULTS` changed so that the default run takes about 5 minutes
+on 2 CPU cores.  Exit status: 0 when done, 130 after Ctrl-C (a checkpoint is saved first), 2 on a
+usage or data error (one line on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import typing
+from pathlib import Path
+from typing import Any
+
+from . import CLIError
+
+__all__ = ["MODEL_DEFAULTS", "add_dataclass_options", "register"]
+
+#: Defaults of ``favor train`` that differ from PerformerConfig's: the small model that trains
+#: in about 5 minutes on 2 CPU cores.  ``vocab_size`` comes from the data.
+MODEL_DEFAULTS: dict[str, Any] = {}
+_FROM_DATA = ("vocab_size",)  # set from the tokenizer
+_FROM_TRAINER = ("seed",)  # the model's projection seed is the trainer's --seed
+EXIT_INTERRUPTED = 130
+
+
+def _option(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _none_or(tp: type) -> Any:
+    def convert(text: str) -> Any:
+        return None if text.lower() == "none" else tp(text)
+
+    convert.__name__ = tp.__name__  # argparse names the type in its error messages
+    return convert
+
+
+def add_dataclass_options(
+    parser: argparse.ArgumentParser | Any, cls: type, *, exclude: tuple[str, ...] = (),
+    defaults: dict[str, Any] | None = None,
+) -> list[str]:
+    """Add one ``--field-name`` option per field of dataclass ``cls``: type, ``choices`` and help
+    from the field's annotation and metadata; ``bool`` fields get ``--x/--no-x``; fields that may be
+    None accept ``none``.  Options not given stay absent from the namespace (so that
+    :func:`explicit_values` can tell what the user typed); the help shows the field's default (or
+    ``defaults[name]``).  Returns the field names."""
+    hints = typing.get_type_hints(cls)
+    names = []
+    for f in dataclasses.fields(cls):
+        if f.name in exclude or not f.init:
+            continue
+        default = (defaults or {}).get(f.name, f.default)
+        tp = hints[f.name]
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        optional = len(args) < len(typing.get_args(tp))
+        if optional:
+            tp = args[0]
+        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "dest": f.name}
+        if tp is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = _none_or(tp) if optional else tp
+            choices = f.metadata.get("choices")
+            if choices is not None:
+                kwargs["choices"] = tuple(choices) + ((None,) if optional else ())
+                kwargs["metavar"] = "{" + ",".join(map(str, choices)) + (",none" if optional else "") + "}"
+            else:
+                kwargs["metavar"] = f.name.upper()
+        kwargs["help"] = f"{f.metadata.get('help', '')} (default: {default})".replace("%", "%%")
+        parser.add_argument(_option(f.name), **kwargs)
+        names.append(f.name)
+    return names
+
+
+def explicit_values(args: argparse.Namespace, names: list[str]) -> dict[str, Any]:
+    """The options among ``names`` that were given on the command line."""
+    return {n: getattr(args, n) for n in names if hasattr(args, n)}
+
+
+def register(subparsers) -> None:
+    from ..models import PerformerConfig
+    from ..training import TrainConfig
+
+    p = subparsers.add_parser(
+        "train",
+        help="train a byte-level Performer LM (default data: this Python's standard library)",
+        description=(
+            "Train a PerformerLM on bytes (text) or amino acids (FASTA).  Without --data the corpus "
+            "is the running interpreter's standard-library .py sources.  Outputs go to --out "
+            "(default runs/<data>-<attention>[-N]): checkpoints step-NNNNNNN/ (LATEST names the "
+            "newest), metrics.jsonl, loss.png, summary.json.  Ctrl-C saves a checkpoint and exits "
+            "with status 130; --resume continues exactly where it stopped."
+        ),
+    )
+    g = p.add_argument_group("data and outputs")
+    g.add_argument("--data", metavar="PATH", default=None,
+                   help="text file, folder of text files, or FASTA file/folder (default: the embedded stdlib corpus)")
+    g.add_argument("--out", metavar="DIR", default=None,
+                   help="run folder (default: runs/<data>-<attention>, with -2, -3, ... if taken)")
+    g.add_argument("--resume", metavar="PATH", nargs="?", const="", default=None,
+                   help="continue a run from its checkpoint (a run folder or a step-* folder; "
+                        "without PATH: --out); options given explicitly must agree with the checkpoint, "
+                        "except the ones that do not change the result (--steps, --eval-*, --save-every, --stop-at)")
+    g.add_argument("--init-from", metavar="CHECKPOINT", default=None,
+                   help="start from these weights (fresh optimizer, step 0); the model options default to the "
+                        "checkpoint's, and attention options may differ (e.g. softmax -> favor)")
+    g.add_argument("--threads", type=int, default=None, metavar="N", help="torch CPU threads (default: torch's)")
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar (default: only on a terminal)")
+    tg = p.add_argument_group("training (favor.training.TrainConfig)")
+    train_names = add_dataclass_options(tg, TrainConfig)
+    mg = p.add_argument_group("model (favor.models.PerformerConfig)")
+    model_names = add_dataclass_options(mg, PerformerConfig, exclude=_FROM_DATA + _FROM_TRAINER, defaults=MODEL_DEFAULTS)
+    p.set_defaults(func=run, _train_names=train_names, _model_names=model_names)
+
+
+def _conflicts(explicit: dict[str, Any], stored: dict[str, Any], where: str, fixed: set[str]) -> None:
+    for name, value in explicit.items():
+        if name in fixed and name in stored and stored[name] != value:
+            raise CLIError(
+                f"{_option(name)} {value} conflicts with the checkpoint's {name}={stored[name]!r} ({where}); "
+                "drop the option to resume, or start a new run"
+            )
+
+
+def _default_out(corpus_source: str, attention: str) -> Path:
+    name = "stdlib" if corpus_source == "stdlib" else Path(corpus_source).stem or "data"
+    base = Path("runs") / f"{name}-{attention}"
+    out, n = base, 2
+    while out.exists():
+        out = base.with_name(f"{base.name}-{n}")
+        n += 1
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..checkpoint import find_checkpoint, load_checkpoint, load_weights
+    from ..data.corpus import load_corpus
+    from ..models import PerformerConfig, PerformerLM
+    from ..training import TrainConfig, describe_run, make_optimizer, restore_training_state, train
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise CLIError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    if args.resume is not None and args.init_from is not None:
+        raise CLIError("--resume and --init-from exclude each other")
+    model_explicit = explicit_values(args, args._model_names)
+    train_explicit = explicit_values(args, args._train_names)
+    fixed_train = {f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("fixed_on_resume")}
+
+    ckpt = None
+    if args.resume is not None:
+        resume_path = args.resume or args.out
+        if not resume_path:
+            raise CLIError("--resume without a PATH needs --out")
+        ckpt = load_checkpoint(resume_path)
+        where = str(ckpt.path)
+        _conflicts(model_explicit, ckpt.config["model"], where, set(model_explicit))
+        _conflicts(train_explicit, ckpt.config["train"], where, fixed_train)
+        stored_source = ckpt.config["data"]["source"]
+        data = args.data if args.data is not None else (None if stored_source == "stdlib" else stored_source)
+        if args.data is not None and str(Path(args.data).expanduser().resolve()) != stored_source:
+            raise CLIError(f"--data {args.data} conflicts with the checkpoint's data {stored_source!r} ({where})")
+        corpus = load_corpus(data)
+        if corpus.fingerprint() != ckpt.config["data"]["fingerprint"]:
+            raise CLIError(f"the data at {stored_source!r} changed since checkpoint {where} was written")
+        model_cfg = PerformerConfig.from_dict(ckpt.config["model"])
+        train_cfg = TrainConfig.from_dict({**ckpt.config["train"], **train_explicit})
+        out = Path(args.out) if args.out else ckpt.path.parent
+    else:
+        corpus = load_corpus(args.data)
+        base: dict[str, Any] = dict(MODEL_DEFAULTS)
+        init = None
+        if args.init_from is not None:
+            init = load_checkpoint(args.init_from, optimizer=False)
+            base = dict(init.config["model"])
+            if init.config["tokenizer"] != corpus.tokenizer.name:
+                raise CLIError(
+                    f"--init-from {args.init_from} was trained on {init.config['tokenizer']} tokens, "
+                    f"the data gives {corpus.tokenizer.name} tokens"
+                )
+        base.update(model_explicit)
+        base["vocab_size"] = corpus.tokenizer.vocab_size
+        base["seed"] = train_explicit.get("seed", TrainConfig.seed)
+        model_cfg = PerformerConfig(**base) if init is None else PerformerConfig.from_dict(base)
+        train_cfg = TrainConfig(**train_explicit)
+        if args.out is not None:
+            out = Path(args.out)
+            if out.exists() and any(out.iterdir()):
+                raise CLIError(f"--out {out} is not empty; pass --resume to continue that run, or another --out")
+        else:
+            out = _default_out(corpus.source, model_cfg.attention)
+
+    if train_cfg.seq_len > model_cfg.max_len:
+        raise CLIError(f"--seq-len {train_cfg.seq_len} exceeds the model's max_len {model_cfg.max_len}; "
+                       "raise --max-len")
+    torch.manual_seed(train_cfg.seed)
+    model = PerformerLM(model_cfg)
+    optimizer = make_optimizer(model, train_cfg)
+    start = 0
+    if ckpt is not None:
+        start = restore_training_state(model, optimizer, ckpt)
+    elif args.init_from is not None:
+        skipped = load_weights(model, init, strict_buffers=False)
+        if skipped:
+            print(f"init-from {init.path}: kept this model's own {', '.join(skipped)}", file=sys.stderr)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"data: {corpus.describe()}", file=sys.stderr)
+    print(f"model: {n_params:,} parameters, attention={model_cfg.attention}; run folder: {out}"
+          + (f"; resuming at step {start}" if ckpt is not None else ""), file=sys.stderr)
+    result = train(model, optimizer, corpus, train_cfg, out_dir=out,
+                   checkpoint_config=describe_run(model_cfg.to_dict(), train_cfg, corpus),
+                   start_step=start, progress=args.progress)
+    unit = corpus.tokenizer.unit
+    if result.val_bits is not None:
+        print(f"validation: {result.val_bits:.4f} bits per {unit} at step {result.step}")
+    print(f"throughput: {result.tokens_per_s:,.0f} tokens/s")
+    print(f"checkpoint: {result.checkpoint}")
+    print(f"metrics: {result.metrics}")
+    print(f"loss curve: {result.plot}")
+    if result.interrupted:
+        print(f"interrupted at step {result.step}; continue with: favor train --resume {out}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return 0
