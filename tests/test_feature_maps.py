@@ -26,7 +26,7 @@ def _kernel_estimates(kind, x, y, *, m, draws, projection="iid", seed=0):
                       for _ in range(draws)])  # (draws, m, d)
     xs = x.expand(draws, 1, d)  # (draws, 1, d)
     ys = y.expand(draws, 1, d)
-    a = oprf_parameter(xs, ys) if kind == "oprf" else None  # (draws,)
+    a = oprf_parameter(xs, ys) if kind in favor.feature_maps.OPRF_FEATURES else None  # (draws,)
     est = []
     for i in range(draws):
         ai = None if a is None else a[i]
@@ -60,7 +60,7 @@ def test_relu_and_elu_features_are_deterministic_kernels():
 def test_factored_form_is_bounded_and_exact(kind):
     x = torch.randn(2, 3, 7, 8, dtype=torch.float64, generator=gen(5)) * 3  # large norms
     w = favor.gaussian_orthogonal_matrix(12, 8, generator=gen(6), dtype=torch.float64)
-    a = oprf_parameter(x, x) if kind == "oprf" else None
+    a = oprf_parameter(x, x) if kind in favor.feature_maps.OPRF_FEATURES else None
     f = feature_map(x, w, kind, oprf_a=a)
     assert f.psi.shape == (2, 3, 7, favor.num_features(12, kind))
     assert f.log_scale.shape == (2, 3, 7)

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from .feature_maps import FEATURES, KERNELS, feature_map, oprf_parameter
+from .feature_maps import FEATURES, KERNELS, OPRF_FEATURES, feature_map, oprf_parameter
 from .linear import DEFAULT_CHUNK_SIZE, FavorState, causal_linear_attention, linear_attention
 
 __all__ = ["favor_attention", "favor_attention_step"]
@@ -91,8 +91,8 @@ def _validate(query, key, value, projection, features, kernel, is_causal, key_pa
                 f"initial_state.kv has shape {tuple(initial_state.kv.shape)}, expected (B, H, M, Dv) "
                 f"with B={B}, H={H}, Dv={value.shape[-1]}"
             )
-        if features == "oprf" and initial_state.oprf_a is None:
-            raise ValueError("initial_state has no oprf_a but features='oprf'")
+        if features in OPRF_FEATURES and initial_state.oprf_a is None:
+            raise ValueError(f"initial_state has no oprf_a but features={features!r}")
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -133,7 +133,7 @@ def favor_attention(
         projection: (m, D) random matrix (rows ω_i), e.g. from
             :func:`favor.gaussian_orthogonal_matrix`; ``None`` for the deterministic kernels.
         features: for ``kernel="softmax"``: ``"positive"`` (default), ``"hyperbolic"``,
-            ``"trig"`` or ``"oprf"``.  Must stay ``None`` for the other kernels.
+            ``"trig"``, ``"oprf"`` or ``"hyperbolic_oprf"``.  Must stay ``None`` for the other kernels.
         kernel: ``"softmax"`` | ``"relu"`` | ``"elu"``.
         is_causal: query t attends to keys 0..t only (needs Lq == Lk).
         key_padding_mask: bool (B, Lk), True = attend.  Masked keys reach neither the numerator
@@ -148,9 +148,10 @@ def favor_attention(
         (B, H, Lq, Dv) in the input dtype, and the :class:`FavorState` if ``return_state``.
 
     Features and states are computed in float32 (float64 for float64 inputs), also under
-    autocast.  For ``"oprf"`` the FAVOR++ parameter A is taken per (batch, head) from all query/key
-    pairs when bidirectional; when causal, from the first present token (its query and key), so
-    that no output depends on a later token, and it is carried in the state.
+    autocast.  For ``"oprf"`` and ``"hyperbolic_oprf"`` the FAVOR++ parameter A is taken per
+    (batch, head) from all query/key pairs when bidirectional; when causal, from the first present
+    token (its query and key), so that no output depends on a later token, and it is carried in
+    the state.
     """
     if kernel == "softmax" and features is None:
         features = "positive"
@@ -169,7 +170,7 @@ def favor_attention(
         proj = None if projection is None else projection.to(device=query.device, dtype=cdtype)
 
         oprf_a = None
-        if features == "oprf" and kernel == "softmax":
+        if features in OPRF_FEATURES and kernel == "softmax":
             if initial_state is not None:
                 oprf_a = initial_state.oprf_a.to(cdtype)
             elif is_causal:

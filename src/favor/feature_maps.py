@@ -10,6 +10,9 @@ Softmax kernel exp(xᵀy) (``kernel="softmax"``), with ω_i the rows of the (m, 
 * ``trig``      (FAVOR)   φ(x) = exp(‖x‖²/2) / √m · [sin(ω_iᵀx), cos(ω_iᵀx)]
 * ``oprf``      (FAVOR++) φ(x) = D·exp(A‖ω_i‖² + B ω_iᵀx − ‖x‖²/2) / √m,
                           B = √(1 − 4A), D = (1 − 4A)^{d/4}, A < 0 from :func:`oprf_parameter`.
+* ``hyperbolic_oprf``     φ(x) = D·exp(A‖ω_i‖² − ‖x‖²/2) / √(2m) · [exp(B ω_iᵀx), exp(−B ω_iᵀx)]:
+                          FAVOR++ with antithetic pairs ±ω_i (same A, B, D).  Unbiased because ω_i
+                          and −ω_i have the same law, so each half is an unbiased ``oprf`` estimate.
 
 Generalised kernels (``kernel="relu" | "elu"``): φ(x) = relu(Wx) + ε (ε = :data:`RELU_EPSILON`)
 and φ(x) = elu(Wx) + 1, with W the projection or the identity when it is ``None``.
@@ -37,6 +40,7 @@ import torch
 __all__ = [
     "FEATURES",
     "KERNELS",
+    "OPRF_FEATURES",
     "RELU_EPSILON",
     "Features",
     "feature_map",
@@ -46,7 +50,9 @@ __all__ = [
     "random_features",
 ]
 
-FEATURES = ("positive", "hyperbolic", "trig", "oprf")
+FEATURES = ("positive", "hyperbolic", "trig", "oprf", "hyperbolic_oprf")
+#: kinds that take the FAVOR++ parameter A (``oprf_a``, from :func:`oprf_parameter`)
+OPRF_FEATURES = ("oprf", "hyperbolic_oprf")
 KERNELS = ("softmax", "relu", "elu")
 RELU_EPSILON = 1e-3
 
@@ -63,7 +69,7 @@ class Features(NamedTuple):
 
 def num_features(m: int, features: str, kernel: str = "softmax") -> int:
     """Number M of output features for m projections."""
-    if kernel == "softmax" and features in ("hyperbolic", "trig"):
+    if kernel == "softmax" and features in ("hyperbolic", "trig", "hyperbolic_oprf"):
         return 2 * m
     return m
 
@@ -107,16 +113,21 @@ def _check_kind(features: str, kernel: str) -> None:
 
 
 def _oprf_logits(
-    x: torch.Tensor, proj: torch.Tensor, oprf_a: torch.Tensor | None
+    x: torch.Tensor, proj: torch.Tensor, oprf_a: torch.Tensor | None, features: str = "oprf"
 ) -> torch.Tensor:
+    """(..., L, m) FAVOR++ logits A‖ω_i‖² + B ω_iᵀx + log D, or (..., L, 2m) with ±ω_i for
+    ``hyperbolic_oprf``."""
     if oprf_a is None:
-        raise ValueError("features='oprf' needs oprf_a (see oprf_parameter)")
+        raise ValueError(f"features={features!r} needs oprf_a (see oprf_parameter)")
     d = x.shape[-1]
     a = oprf_a.to(x.dtype)[..., None, None]  # (..., 1, 1)
     one_minus_4a = 1 - 4 * a
     log_d = (d / 4) * torch.log(one_minus_4a)
-    wx = x @ proj.T  # (..., L, m)
-    return a * proj.pow(2).sum(-1) + torch.sqrt(one_minus_4a) * wx + log_d
+    bwx = torch.sqrt(one_minus_4a) * (x @ proj.T)  # (..., L, m)
+    if features == "hyperbolic_oprf":
+        bwx = torch.cat((bwx, -bwx), dim=-1)  # (..., L, 2m)
+        return a * proj.pow(2).sum(-1).repeat(2) + bwx + log_d
+    return a * proj.pow(2).sum(-1) + bwx + log_d
 
 
 def feature_map(
@@ -129,7 +140,8 @@ def feature_map(
 ) -> Features:
     """Stabilised features of x: (..., L, d) -> :class:`Features` with psi (..., L, M).
 
-    ``x`` is already scaled (x = √scale · q).  ``oprf_a`` (shape (...,)) is needed for ``oprf``.
+    ``x`` is already scaled (x = √scale · q).  ``oprf_a`` (shape (...,)) is needed for the
+    :data:`OPRF_FEATURES` kinds.
     Computation happens in ``x``'s dtype; callers pass float32 or float64.
     """
     _check_kind(features, kernel)
@@ -156,8 +168,10 @@ def feature_map(
     elif features == "hyperbolic":
         wx = x @ projection.T
         logits = torch.cat((wx, -wx), dim=-1) - half_sq_norm - 0.5 * math.log(2 * m)
-    else:  # oprf
+    elif features == "oprf":
         logits = _oprf_logits(x, projection, oprf_a) - half_sq_norm - 0.5 * math.log(m)
+    else:  # hyperbolic_oprf
+        logits = _oprf_logits(x, projection, oprf_a, features) - half_sq_norm - 0.5 * math.log(2 * m)
     log_scale = logits.detach().amax(-1)  # (..., L)
     return Features(torch.exp(logits - log_scale.unsqueeze(-1)), log_scale)
 

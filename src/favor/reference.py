@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from .feature_maps import oprf_parameter, random_features
+from .feature_maps import OPRF_FEATURES, oprf_parameter, random_features
 
 __all__ = ["explicit_attention_matrix", "explicit_favor_attention", "softmax_attention"]
 
@@ -63,7 +63,7 @@ def explicit_attention_matrix(
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
     x, y = query * math.sqrt(scale), key * math.sqrt(scale)
     oprf_a = None
-    if features == "oprf":
+    if features in OPRF_FEATURES:
         if is_causal:  # the first present token's query and key, as favor_attention does
             first = 0 if key_padding_mask is None else key_padding_mask.to(torch.int8).argmax(1)
             first = torch.as_tensor(first, device=x.device).expand(x.shape[0])
