@@ -320,3 +320,12 @@ def test_cli_listops_and_plot(tmp_path, capsys):
     png = tmp_path / "fig.png"
     assert cli_main(["lra", "plot", str(out), "--out", str(png)]) == 0
     assert png.stat().st_size > 1000
+
+
+def test_baseline_accuracies_on_hand_made_splits():
+    train = lo.ListOpsSplit.from_expressions(
+        [e.split() for e in ("[MAX 1 9 ]", "[MAX 2 9 ]", "[MIN 0 5 ]", "[MIN 0 4 ]", "[MIN 3 4 ]", "[SM 4 5 ]")])
+    test = lo.ListOpsSplit.from_expressions([e.split() for e in ("[MAX 9 3 ]", "[MIN 0 8 ]", "[SM 4 5 ]", "7")])
+    acc = lra.baseline_accuracies(train, test)
+    assert acc["majority"] == 0.5  # train labels 9 9 0 0 3 9: always 9; test labels 9 0 9 7
+    assert acc["root_operator"] == 0.75  # MAX->9, MIN->0, SM->9 right; '7' unseen -> majority 9, wrong

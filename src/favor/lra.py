@@ -39,6 +39,7 @@ __all__ = [
     "ListOpsConfig",
     "ListOpsData",
     "ListOpsResult",
+    "baseline_accuracies",
     "evaluate_classifier",
     "load_data",
     "listops_config",
@@ -260,6 +261,24 @@ def _batch_for_step(split: lo.ListOpsSplit, cfg: ListOpsConfig, step: int, cache
     if cache.get("epoch") != epoch:
         cache["epoch"], cache["batches"] = epoch, _epoch_batches(split, cfg.batch_size, cfg.seed, epoch)
     return cache["batches"][i]
+
+
+def baseline_accuracies(train: lo.ListOpsSplit, test: lo.ListOpsSplit) -> dict[str, float]:
+    """Test accuracy of two rules fitted on ``train``, the floor any learned model should clear.
+
+    ``majority``: always the most frequent training label.  ``root_operator``: the most frequent
+    training label given the expression's first token (its outermost operator: MAX -> 9,
+    MIN -> 0, ...), which reads one token and computes nothing.
+    """
+    majority = int(torch.bincount(train.labels, minlength=10).argmax())
+    first = train.tokens[train.offsets[:-1]].long()  # (N,) id of each expression's first token
+    table = torch.zeros(len(lo.VOCAB), 10, dtype=torch.long)
+    table.index_put_((first, train.labels), torch.ones_like(first), accumulate=True)
+    rule = table.argmax(1)  # (V,) most frequent label per first token
+    rule[table.sum(1) == 0] = majority
+    test_first = test.tokens[test.offsets[:-1]].long()
+    return {"majority": float((test.labels == majority).float().mean()),
+            "root_operator": float((rule[test_first] == test.labels).float().mean())}
 
 
 @torch.no_grad()
