@@ -78,7 +78,8 @@ class TrainConfig:
     eval_every: int = _f(100, "validate every this many steps (and at the end)", fixed=False)
     eval_batches: int = _f(4, "validation batches of --batch-size windows each", fixed=False)
     save_every: int = _f(200, "checkpoint every this many steps (and at the end)", fixed=False)
-    stop_at: int = _f(0, "stop (with a checkpoint) after this step although --steps is larger; 0: run to --steps",
+    stop_at: int = _f(0, "stop (with a checkpoint) after this step although --steps is larger; 0: run to "
+                      "--steps; not carried over by --resume",
                       fixed=False)
     seed: int = _f(0, "seed of initialisation, data order and dropout")
     redraw_every: int = _f(0, "redraw FAVOR projections every this many steps (0: never)")

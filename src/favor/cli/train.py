@@ -175,7 +175,8 @@ def run(args: argparse.Namespace) -> int:
         if corpus.fingerprint() != ckpt.config["data"]["fingerprint"]:
             raise CLIError(f"the data at {stored_source!r} changed since checkpoint {where} was written")
         model_cfg = PerformerConfig.from_dict(ckpt.config["model"])
-        train_cfg = TrainConfig.from_dict({**ckpt.config["train"], **train_explicit})
+        # --stop-at belongs to one invocation: a resumed run goes on to --steps unless told otherwise.
+        train_cfg = TrainConfig.from_dict({**ckpt.config["train"], "stop_at": 0, **train_explicit})
         out = Path(args.out) if args.out else ckpt.path.parent
     else:
         corpus = load_corpus(args.data)
