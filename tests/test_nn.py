@@ -311,6 +311,8 @@ def test_self_attention_errors():
         PerformerSelfAttention(12, 3, attention="linear")
     with pytest.raises(ValueError, match="even"):
         PerformerSelfAttention(9, 3, rotary=True)
+    with pytest.raises(ValueError, match="cosine"):  # FAVOR options are validated for softmax too
+        PerformerSelfAttention(12, 3, attention="softmax", features="cosine")
 
 
 # ----------------------------------------------------------------------------- MultiheadFavorAttention

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..linear import DEFAULT_CHUNK_SIZE, FavorState
-from .favor_attention import FavorAttention
+from .favor_attention import FavorAttention, validate_favor_options
 from .rotary import RotaryEmbedding
 
 __all__ = ["ATTENTIONS", "AttentionCache", "FavorCache", "KVCache", "PerformerSelfAttention"]
@@ -129,13 +129,13 @@ class PerformerSelfAttention(nn.Module):
         self.out = nn.Linear(d_model, d_model, bias=bias, **factory)
         self.dropout = nn.Dropout(dropout)
         self.rotary = RotaryEmbedding(self.head_dim, rotary_base) if rotary else None
-        # Built (and so validated) for both kinds; used by attention="favor" only.
-        favor = FavorAttention(
-            self.head_dim, nb_features=nb_features, features=features, kernel=kernel,
-            projection=projection, scaling=scaling, is_causal=is_causal, seed=seed,
-            chunk_size=chunk_size, device=device, dtype=dtype,
-        )
-        self.favor = favor if attention == "favor" else None
+        favor_options = dict(nb_features=nb_features, features=features, kernel=kernel, projection=projection,
+                             scaling=scaling, seed=seed, chunk_size=chunk_size)
+        if attention == "favor":
+            self.favor = FavorAttention(self.head_dim, is_causal=is_causal, **favor_options, **factory)
+        else:  # validated all the same, so that a config is valid for both kinds or neither
+            validate_favor_options(self.head_dim, **favor_options)
+            self.favor = None
 
     def forward(
         self,
