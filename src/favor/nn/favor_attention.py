@@ -126,8 +126,10 @@ class FavorAttention(nn.Module):
         chunk_size: chunk length of the causal kernel.
 
     Buffers:
-        ``projection`` (m, D), persistent, in the default dtype (follows ``.to(dtype)``; drawn in
-        float64 then cast); absent when ``projection=None``.
+        ``projection`` (m, D), persistent, in the default dtype (drawn in float64 then cast);
+        absent when ``projection=None``.  It follows ``.to(dtype)`` like any buffer, so
+        ``model.to(torch.bfloat16)`` rounds it to bf16 (prefer autocast, under which the features
+        are computed in float32 from a float32 projection).
         ``draw_state`` (2,) int64, persistent: (seed, number of argument-less :meth:`redraw_`
         calls), so that the next argument-less redraw is reproducible after a checkpoint
         round-trip into a module built with any seed.
