@@ -244,7 +244,8 @@ def test_presets_and_config_validation():
     assert (lra_cfg.batch_size, lra_cfg.steps, lra_cfg.pooling) == (32, 5000, "cls")
     cfg = lra.listops_config("cpu", data=dict(min_length=100, max_length=300), pooling="mean", seed=3)
     assert cfg.model.max_len == 299 and cfg.model.seed == 3  # longest kept expression: 299 tokens
-    assert lra.listops_config("cpu", data=dict(min_length=100, max_length=300)).model.max_len == 300  # + <cls>
+    assert lra.listops_config("cpu", data=dict(min_length=100, max_length=300), pooling="cls").model.max_len == 300
+    assert lra.listops_config("cpu", data=dict(min_length=100, max_length=300), pooling="first").model.max_len == 299
     with pytest.raises(ValueError, match="max_len=100 is shorter"):
         cfg.replace(**{"model.max_len": 100})
     with pytest.raises(ValueError, match="vocab_size must be 17"):
