@@ -11,6 +11,7 @@ import math
 import torch
 
 from .feature_maps import FEATURES, KERNELS, OPRF_FEATURES, feature_map, oprf_parameter
+from .fused import FUSED_KINDS, fused_attention, make_spec
 from .linear import DEFAULT_CHUNK_SIZE, FavorState, causal_linear_attention, linear_attention
 
 __all__ = ["favor_attention", "favor_attention_step"]
@@ -100,15 +101,41 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _causal_oprf_parameter(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """A from the first present token only (its query and key): constant over the sequence and
-    computed from nothing that lies after any output that depends on it."""
-    if mask is None:
-        first = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+def _causal_oprf_parameter(
+    x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None, previous: torch.Tensor | None
+) -> torch.Tensor:
+    """Causal FAVOR++ parameter A (B, H): fixed by the first present token of the whole sequence
+    (its query and key), so it is constant over the sequence and no output depends on a later token.
+
+    ``previous`` is the A carried in the state of the preceding pieces; NaN marks rows where no
+    token was present yet (their outputs are 0 whatever A is), to be fixed by this piece.
+    """
+    B, H, L, d = x.shape
+    present = torch.ones(B, L, dtype=torch.bool, device=x.device) if mask is None else mask
+    if L == 0:
+        fresh = torch.full((B, H), float("nan"), dtype=x.dtype, device=x.device)
     else:
-        first = mask.to(torch.int8).argmax(dim=1)  # (B,) index of the first True
-    idx = first.view(-1, 1, 1, 1).expand(-1, x.shape[1], 1, x.shape[-1])
-    return oprf_parameter(x.gather(2, idx), y.gather(2, idx))  # (B, H)
+        first = present.to(torch.int8).argmax(dim=1)  # (B,) index of the first True
+        idx = first.view(-1, 1, 1, 1).expand(-1, H, 1, d)
+        fresh = oprf_parameter(x.gather(2, idx), y.gather(2, idx))  # (B, H)
+        fresh = fresh.masked_fill(~present.any(dim=1, keepdim=True), float("nan"))
+    if previous is None:
+        return fresh
+    return torch.where(torch.isnan(previous), fresh, previous)
+
+
+def _use_fused(features, kernel, tensors, initial_state, return_state) -> bool:
+    """The fused kernels (:mod:`favor.fused`) serve every call of a kind they implement, except
+    those that need gradients through a :class:`FavorState` (initial_state/return_state with
+    autograd): those take the generic path (feature_map + :mod:`favor.linear`)."""
+    if (features, kernel) not in FUSED_KINDS:
+        return False
+    if initial_state is None and not return_state:
+        return True
+    flat = [t for t in tensors if isinstance(t, torch.Tensor)]
+    if initial_state is not None:
+        flat += [t for t in initial_state if t is not None]
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in flat))
 
 
 def favor_attention(
@@ -169,17 +196,29 @@ def favor_attention(
         v = value.to(cdtype)
         proj = None if projection is None else projection.to(device=query.device, dtype=cdtype)
 
-        oprf_a = None
+        oprf_a = feature_a = None  # A as carried in the state / as used by the features
         if features in OPRF_FEATURES and kernel == "softmax":
-            if initial_state is not None:
-                oprf_a = initial_state.oprf_a.to(cdtype)
-            elif is_causal:
-                oprf_a = _causal_oprf_parameter(x, y, key_padding_mask)
+            if is_causal:
+                previous = None if initial_state is None else initial_state.oprf_a.to(cdtype)
+                oprf_a = _causal_oprf_parameter(x, y, key_padding_mask, previous)
             else:
                 mask = None if key_padding_mask is None else key_padding_mask.unsqueeze(1)
                 oprf_a = oprf_parameter(x, y, mask)  # (B, H)
-        fq = feature_map(x, proj, features, kernel=kernel, oprf_a=oprf_a)
-        fk = feature_map(y, proj, features, kernel=kernel, oprf_a=oprf_a)
+            # NaN only where no key is present (every output there is 0): any finite A will do
+            feature_a = torch.nan_to_num(oprf_a, nan=0.0)
+        if initial_state is not None:
+            initial_state = FavorState(*(None if t is None else t.to(cdtype) for t in initial_state))
+        if _use_fused(features, kernel, (query, key, value, projection, initial_state), initial_state,
+                      return_state):
+            spec = make_spec(proj, features, kernel, feature_a, x.shape[0] * x.shape[1], x.shape[-1])
+            out, st = fused_attention(x, y, v, spec, is_causal=is_causal, key_padding_mask=key_padding_mask,
+                                      chunk_size=chunk_size, initial_state=initial_state,
+                                      return_state=return_state)
+            state = None if st is None else FavorState(*st, oprf_a)
+            out = out.to(out_dtype)
+            return (out, state) if return_state else out
+        fq = feature_map(x, proj, features, kernel=kernel, oprf_a=feature_a)
+        fk = feature_map(y, proj, features, kernel=kernel, oprf_a=feature_a)
         k_psi, k_log = fk.psi, fk.log_scale
         if key_padding_mask is not None:
             keep = key_padding_mask.unsqueeze(1)  # (B, 1, Lk)
@@ -188,8 +227,6 @@ def favor_attention(
             else:
                 k_log = k_log.masked_fill(~keep, float("-inf"))
         if is_causal:
-            if initial_state is not None:
-                initial_state = FavorState(*(None if t is None else t.to(cdtype) for t in initial_state))
             out, state = causal_linear_attention(
                 fq.psi, k_psi, v, k_log, chunk_size=chunk_size, initial_state=initial_state
             )

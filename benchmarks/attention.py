@@ -1,0 +1,390 @@
+"""Speed and memory of FAVOR+ attention against exact attention and the peers, on CPU.
+
+    python benchmarks/attention.py --json out.json            # full sweep (~15 min on 2 cores)
+    python benchmarks/attention.py --quick --json out.json    # smoke run (seconds)
+    python benchmarks/plot.py out.json                        # figures for docs/benchmarks.md
+
+Cases are declarative (:func:`cases`): method × direction (bidirectional | causal) × mode
+(fwd | fwd+bwd) × L.  Shapes B=1, H=8, d=Dv=64, M=256 features, float32, 2 threads.
+
+Methods:
+  favor               favor.favor_attention, positive features, m=256 orthogonal projections
+  sdpa                torch.nn.functional.scaled_dot_product_attention (exact; is_causal)
+  performer-pytorch   performer_pytorch.FastAttention(nb_features=256) (causal: its CPU path)
+  performer-pytorch+ft  the same, causal, with attn.causal_linear_fn set to its wrapper of
+                      fast-transformers' CPU causal_product (see shared/PEERS.md)
+  fast-transformers   CausalLinearAttention with its Favor feature map (n_dims=256 features)
+Peers are optional extras: a method whose package is missing is reported "unavailable".
+
+Measurements (full mode):
+  time    median wall time over repeated runs (at least --min-repeats, more while the case's
+          time budget allows), after one warm-up run at the same size.  One process per
+          (method, direction, mode) runs its L sweep in increasing order; the next L is
+          skipped when the run time extrapolated from the last two sizes would exceed
+          --budget / --min-repeats seconds.
+  memory  peak extra resident memory, one fresh process per case, started with
+          MALLOC_MMAP_THRESHOLD_=65536 so that glibc returns freed blocks and RSS tracks live
+          data: after inputs are built and a small warm-up ran, the kernel's peak-RSS counter is
+          reset (``echo 5 > /proc/self/clear_refs``) and the case runs once; extra = VmHWM − VmRSS
+          before the run.  Includes outputs and input gradients.
+  FLOPs   nominal, counted once per algorithm: exact attention 4·L²·d per head (causal: half);
+          linear attention 4·L·M·(d + Dv) per head (features of q and k, KᵀV, Q(KᵀV)); fwd+bwd
+          = 3 × fwd.  GFLOP/s is compared with the fp32 matmul rate (2048³) measured in the run.
+  decode  per-token time of favor.favor_attention_step with a state after `context` tokens, and
+          of favor.models.PerformerLM.generate_stream (one layer) after a prompt of that length.
+--quick runs favor and SDPA (and the peers that are installed) at two small sizes, all in one
+process with the same peak-RSS reset (a smoke run for CI: no timing claims).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+B, H, D, DV, M = 1, 8, 64, 64, 256
+THREADS = 2
+DIRECTIONS = ("bidirectional", "causal")
+MODES = ("fwd", "fwd+bwd")
+METHODS = ("favor", "sdpa", "performer-pytorch", "performer-pytorch+ft", "fast-transformers")
+FULL_LENGTHS = tuple(2 ** p for p in range(9, 16))  # 512 … 32768
+QUICK_LENGTHS = (128, 256)
+
+
+def cases(methods, lengths):
+    """All (method, direction, mode, L) to run; fast-transformers and +ft are causal only."""
+    out = []
+    for method in methods:
+        for direction in DIRECTIONS:
+            if method in ("fast-transformers", "performer-pytorch+ft") and direction != "causal":
+                continue
+            for mode in MODES:
+                out.append({"method": method, "direction": direction, "mode": mode,
+                            "lengths": list(lengths)})
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# methods: each builder returns fn(q, k, v) -> out on (B, H, L, d) tensors
+
+
+def available(method: str) -> bool:
+    try:
+        if method.startswith("performer-pytorch"):
+            import performer_pytorch  # noqa: F401
+        if method.endswith("ft") or method == "fast-transformers":
+            from fast_transformers.causal_product import causal_dot_product  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def build(method: str, causal: bool):
+    g = torch.Generator().manual_seed(0)
+    if method == "favor":
+        import favor
+
+        w = favor.gaussian_orthogonal_matrix(M, D, generator=g)
+        return lambda q, k, v: favor.favor_attention(q, k, v, w, is_causal=causal)
+    if method == "sdpa":
+        return lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    if method.startswith("performer-pytorch"):
+        import performer_pytorch
+
+        torch.manual_seed(0)
+        attn = performer_pytorch.FastAttention(dim_heads=D, nb_features=M, causal=causal)
+        if method.endswith("+ft"):
+            attn.causal_linear_fn = performer_pytorch.performer_pytorch.causal_linear_attention
+        return attn
+    if method == "fast-transformers":
+        from fast_transformers.attention import CausalLinearAttention
+        from fast_transformers.feature_maps import Favor
+        from fast_transformers.masking import LengthMask, TriangularCausalMask
+
+        torch.manual_seed(0)
+        attn = CausalLinearAttention(D, feature_map=Favor.factory(n_dims=M))
+
+        def run(q, k, v):
+            L = q.shape[2]
+            # its layout is (N, L, H, E)
+            out = attn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), TriangularCausalMask(L),
+                       LengthMask(torch.full((B,), L, dtype=torch.long), max_len=L),
+                       LengthMask(torch.full((B,), L, dtype=torch.long), max_len=L))
+            return out.transpose(1, 2)
+
+        return run
+    raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+
+
+def make_inputs(L: int, grad: bool, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, L, D, generator=g)
+    k = torch.randn(B, H, L, D, generator=g)
+    v = torch.randn(B, H, L, DV, generator=g)
+    up = torch.randn(B, H, L, DV, generator=g)
+    for t in (q, k, v):
+        t.requires_grad_(grad)
+    return q, k, v, up
+
+
+def runner(fn, mode, q, k, v, up):
+    """One measured call: forward (no grad) or forward + backward."""
+    if mode == "fwd":
+        def go():
+            with torch.no_grad():
+                fn(q, k, v)
+    else:
+        def go():
+            for t in (q, k, v):
+                t.grad = None
+            fn(q, k, v).backward(up)
+    return go
+
+
+def flops(method: str, causal: bool, mode: str, L: int) -> float:
+    """Nominal FLOPs (see the module docstring)."""
+    if method == "sdpa":
+        f = 4 * L * L * D * (0.5 if causal else 1.0)
+    else:
+        f = 4 * L * M * (D + DV)
+    f *= B * H
+    return 3 * f if mode == "fwd+bwd" else f
+
+
+# ------------------------------------------------------------------------------------------------
+# memory
+
+
+def _status() -> dict[str, int]:
+    text = open("/proc/self/status").read()
+    return {k: int(re.search(k + r":\s+(\d+)", text).group(1)) for k in ("VmRSS", "VmHWM")}
+
+
+def reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def measure_memory(method, direction, mode, L) -> float:
+    """Peak extra MiB of one call (in this process: see the module docstring)."""
+    causal = direction == "causal"
+    fn = build(method, causal)
+    runner(fn, mode, *make_inputs(64, mode == "fwd+bwd"))()  # load code paths
+    q, k, v, up = make_inputs(L, mode == "fwd+bwd")
+    go = runner(fn, mode, q, k, v, up)
+    before = _status()["VmRSS"]
+    reset_peak()
+    go()
+    return (_status()["VmHWM"] - before) / 1024
+
+
+def memory_worker(spec: str) -> None:
+    torch.set_num_threads(THREADS)
+    c = json.loads(spec)
+    print(json.dumps({"peak_extra_mib": measure_memory(c["method"], c["direction"], c["mode"], c["L"])}))
+
+
+def memory_in_fresh_process(method, direction, mode, L) -> float:
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    spec = json.dumps({"method": method, "direction": direction, "mode": mode, "L": L})
+    res = subprocess.run([sys.executable, __file__, "--memory-worker", spec], env=env,
+                         capture_output=True, text=True, check=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])["peak_extra_mib"]
+
+
+# ------------------------------------------------------------------------------------------------
+# timing
+
+
+def time_case(go, min_repeats: int, budget: float) -> list[float]:
+    go()  # warm-up at this size
+    times: list[float] = []
+    while len(times) < min_repeats or (sum(times) < budget / 4 and len(times) < 15):
+        t0 = time.perf_counter()
+        go()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def sweep_worker(spec: str) -> None:
+    """Time one (method, direction, mode) over increasing L; prints a JSON list."""
+    torch.set_num_threads(THREADS)
+    c = json.loads(spec)
+    causal = c["direction"] == "causal"
+    fn = build(c["method"], causal)
+    results, prev = [], []
+    for L in c["lengths"]:
+        row = {"method": c["method"], "direction": c["direction"], "mode": c["mode"], "L": L}
+        if len(prev) >= 2:
+            predicted = prev[-1] * max(2.0, prev[-1] / prev[-2])
+        elif prev:
+            predicted = prev[-1] * 4.0
+        else:
+            predicted = 0.0
+        if predicted * (c["min_repeats"] + 1) > c["budget"]:
+            row["status"] = f"skipped: predicted {predicted:.1f} s per run exceeds the budget"
+            results.append(row)
+            prev.append(predicted)
+            continue
+        go = runner(fn, c["mode"], *make_inputs(L, c["mode"] == "fwd+bwd"))
+        times = time_case(go, c["min_repeats"], c["budget"])
+        med = statistics.median(times)
+        prev.append(med)
+        f = flops(c["method"], causal, c["mode"], L)
+        row.update(status="ok", median_s=med, times_s=times, gflop=f / 1e9, gflops=f / med / 1e9)
+        results.append(row)
+        print(f"# {c['method']:>20} {c['direction']:>13} {c['mode']:>7} L={L:6d} {med * 1e3:9.1f} ms",
+              file=sys.stderr, flush=True)
+    print(json.dumps(results))
+
+
+def matmul_rate(n: int = 2048, repeats: int = 7) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        ts.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / statistics.median(ts) / 1e9
+
+
+# ------------------------------------------------------------------------------------------------
+# decoding
+
+
+def decoding(contexts, steps: int) -> list[dict]:
+    import favor
+
+    rows = []
+    g = torch.Generator().manual_seed(0)
+    w = favor.gaussian_orthogonal_matrix(M, D, generator=g)
+    for ctx in contexts:
+        q, k, v, _ = make_inputs(ctx, False)
+        with torch.no_grad():
+            _, state = favor.favor_attention(q, k, v, w, is_causal=True, return_state=True)
+            toks = [make_inputs(1, False, seed=1000 + i)[:3] for i in range(steps)]
+            ts = []
+            for qt, kt, vt in toks:
+                t0 = time.perf_counter()
+                _, state = favor.favor_attention_step(qt, kt, vt, w, state)
+                ts.append(time.perf_counter() - t0)
+        rows.append({"method": "favor_attention_step", "context": ctx, "per_token_s": statistics.median(ts[1:])})
+    try:
+        from favor.models import PerformerConfig, PerformerLM
+    except ImportError:
+        return rows
+    for ctx in contexts:
+        cfg = PerformerConfig(vocab_size=256, d_model=H * D, n_heads=H, n_layers=1, max_len=ctx + steps + 1,
+                              nb_features=M, chunk_size=64)
+        torch.manual_seed(0)
+        model = PerformerLM(cfg).eval()
+        prompt = torch.randint(0, 256, (B, ctx), generator=g)
+        stream = model.generate_stream(prompt, steps, temperature=0.0)
+        ts, t0 = [], None
+        for _ in stream:
+            now = time.perf_counter()
+            if t0 is not None:
+                ts.append(now - t0)
+            t0 = now
+        rows.append({"method": "PerformerLM.generate_stream (1 layer, d_model=512)", "context": ctx,
+                     "per_token_s": statistics.median(ts[1:])})
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        cpu = re.search(r"Model name:\s+(.*)", out).group(1).strip()
+    except (OSError, AttributeError):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": THREADS, "torch": torch.__version__,
+            "python": platform.python_version(), "gpu": torch.cuda.is_available()}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--json", required=False, help="write results here (else stdout)")
+    p.add_argument("--quick", action="store_true", help="small smoke sweep in one process")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--lengths", nargs="+", type=int, help="override the L sweep")
+    p.add_argument("--budget", type=float, default=60.0, help="seconds per case (full mode)")
+    p.add_argument("--min-repeats", type=int, default=3)
+    p.add_argument("--decode-steps", type=int, default=64)
+    p.add_argument("--sweep-worker", help=argparse.SUPPRESS)
+    p.add_argument("--memory-worker", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.sweep_worker:
+        sweep_worker(args.sweep_worker)
+        return 0
+    if args.memory_worker:
+        memory_worker(args.memory_worker)
+        return 0
+
+    torch.set_num_threads(THREADS)
+    methods = [m for m in args.methods if available(m)]
+    lengths = args.lengths or (QUICK_LENGTHS if args.quick else FULL_LENGTHS)
+    result = {
+        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "shape": {"B": B, "H": H, "d": D, "Dv": DV, "M": M, "dtype": "float32"},
+        "quick": args.quick,
+        "unavailable": [m for m in args.methods if m not in methods],
+        "matmul_gflops": matmul_rate(1024 if args.quick else 2048, 3 if args.quick else 7),
+        "memory_method": ("in-process, VmHWM reset via /proc/self/clear_refs" if args.quick else
+                          "fresh process per case, MALLOC_MMAP_THRESHOLD_=65536, VmHWM reset"),
+        "cases": [],
+    }
+    for c in cases(methods, lengths):
+        if args.quick:
+            fn = build(c["method"], c["direction"] == "causal")
+            for L in lengths:
+                go = runner(fn, c["mode"], *make_inputs(L, c["mode"] == "fwd+bwd"))
+                times = time_case(go, 2, 0.0)
+                med = statistics.median(times)
+                f = flops(c["method"], c["direction"] == "causal", c["mode"], L)
+                mem = measure_memory(c["method"], c["direction"], c["mode"], L)
+                result["cases"].append({"method": c["method"], "direction": c["direction"], "mode": c["mode"],
+                                        "L": L, "status": "ok", "median_s": med, "times_s": times,
+                                        "gflop": f / 1e9, "gflops": f / med / 1e9, "peak_extra_mib": mem})
+            continue
+        spec = json.dumps(dict(c, budget=args.budget, min_repeats=args.min_repeats))
+        res = subprocess.run([sys.executable, __file__, "--sweep-worker", spec], capture_output=True,
+                             text=True, check=True)
+        sys.stderr.write(res.stderr)
+        for row in json.loads(res.stdout.strip().splitlines()[-1]):
+            if row["status"] == "ok":
+                row["peak_extra_mib"] = memory_in_fresh_process(row["method"], row["direction"],
+                                                                row["mode"], row["L"])
+            result["cases"].append(row)
+    for row in result["cases"]:
+        if row["status"] == "ok":
+            row["fraction_of_matmul"] = row["gflops"] / result["matmul_gflops"]
+    contexts = (64, 128) if args.quick else (1024, 4096, 16384)
+    result["decoding"] = decoding(contexts, 8 if args.quick else args.decode_steps)
+    text = json.dumps(result, indent=1)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(text + "\n")
+    else:
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,571 @@
+"""Fused FAVOR kernels: feature map + linear attention in one pass, with recomputation in backward.
+
+Dimension key: G = B·H flattened batch, Lq/Lk/L sequence, d head dim, M features, Dv value dim,
+V1 = Dv + 1 (values with a column of ones appended, so that one matmul gives numerator and
+denominator), C chunk size, nc chunks in a block, n rows in a block.
+
+Why a separate kernel.  :func:`favor.linear.linear_attention` and
+:func:`favor.linear.causal_linear_attention` take precomputed (L, M) features, and autograd then
+keeps every (L, M) intermediate for backward: ψ_q, ψ_k, their products with the key weights, the
+logits.  Here the features are computed block by block (n rows at a time) and never stored: the
+:class:`torch.autograd.Function` s below save only the inputs, the output, the denominators,
+per-row log scales and O(M·Dv) states, and recompute the features of each block in backward.
+This bounds the extra memory by O(L·(d + Dv) + n·M) and keeps each elementwise pass over a block
+inside the cache.  The maths is the same as :mod:`favor.linear` (same stabilisers, same
+:class:`favor.linear.FavorState` convention); ``tests/test_autograd.py`` checks outputs and all
+gradients against :mod:`favor.reference` in float64 and runs ``gradcheck``.
+
+Feature kinds handled here (everything else goes through the generic path in
+:func:`favor.attention.favor_attention`):
+
+* exponential (``positive``, ``hyperbolic``, ``oprf``): logits u = x·Wᵀ + b − ‖x‖²/2 + const with
+  W (M, d) shared or (G, M, d) per head, b (G, M) or None, const (G,) a per-head constant.
+  ψ = exp(u − rowmax u); the per-row terms ‖x‖²/2 and const only matter for keys (for queries any
+  per-row factor cancels in the normalisation, so they are never computed there).
+* ``relu``: ψ = (relu(x·Wᵀ) + ε)/√m;  ``elu``: ψ = elu(x·Wᵀ) + 1 (W = identity when None).
+
+Stabilisers (as in :mod:`favor.linear`).  Bidirectional: keys enter as exp(u_j − c), c the max
+over present keys, kept online over key blocks.  Causal: key j has log scale h_j = rowmax u_j;
+query t uses the running max R_t = max_{j ≤ t} h_j (no look-ahead, so perturbing a future token
+leaves past outputs bit-for-bit unchanged); inside a chunk the C×C weights exp(h_j − R_t) are
+explicit, between chunks the running state is rescaled by exp(r_old − r_new) ≤ 1.  For relu/elu,
+h_j = 0 (−inf for masked keys).  Masked keys get h_j = −inf: weight exactly 0.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from .feature_maps import RELU_EPSILON
+from .linear import safe_denominator, vanishing_denominator
+
+__all__ = ["FUSED_KINDS", "FeatureSpec", "fused_attention", "make_spec"]
+
+#: (features, kernel) pairs with a fused kernel.
+FUSED_KINDS = (("positive", "softmax"), ("hyperbolic", "softmax"), ("oprf", "softmax"),
+               (None, "relu"), (None, "elu"))
+
+#: rows per block and head (a block holds G·BLOCK_ROWS rows of every (·, M) temporary);
+#: chosen by measurement, see docs/benchmarks.md
+BLOCK_ROWS = 512
+
+
+class FeatureSpec(NamedTuple):
+    """How to compute ψ from x (see the module docstring).
+
+    kind:   "exp" | "relu" | "elu"
+    weight: (M, d) shared, (G, M, d) per head, or None (identity, relu/elu only)
+    bias:   (G, M) or None
+    const:  (G,) tensor or None (exp only: added to the key log scales, matters for states only)
+    m:      number of projections (for relu's 1/√m)
+    """
+
+    kind: str
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    const: torch.Tensor | None
+    m: int
+
+
+def make_spec(
+    projection: torch.Tensor | None, features: str | None, kernel: str, oprf_a: torch.Tensor | None,
+    groups: int, dim: int,
+) -> FeatureSpec:
+    """FeatureSpec for one of :data:`FUSED_KINDS`; projection (m, d) already in the compute dtype,
+    oprf_a (B, H) for ``oprf``.  Autograd flows from the spec's tensors back to ``projection``."""
+    if kernel != "softmax":
+        m = dim if projection is None else projection.shape[0]
+        return FeatureSpec(kernel, projection, None, None, m)
+    m = projection.shape[0]
+    dtype, device = projection.dtype, projection.device
+    if features == "positive":
+        const = torch.full((groups,), -0.5 * math.log(m), dtype=dtype, device=device)
+        return FeatureSpec("exp", projection, None, const, m)
+    if features == "hyperbolic":
+        const = torch.full((groups,), -0.5 * math.log(2 * m), dtype=dtype, device=device)
+        return FeatureSpec("exp", torch.cat((projection, -projection), 0), None, const, m)
+    if features == "oprf":
+        a = oprf_a.to(dtype).reshape(groups)  # (G,)
+        one_minus_4a = 1 - 4 * a
+        weight = torch.sqrt(one_minus_4a)[:, None, None] * projection  # (G, m, d)
+        bias = a[:, None] * projection.pow(2).sum(-1)  # (G, m)
+        const = (dim / 4) * torch.log(one_minus_4a) - 0.5 * math.log(m)
+        return FeatureSpec("exp", weight, bias, const, m)
+    raise ValueError(f"no fused kernel for features={features!r}, kernel={kernel!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# feature helpers (all run without autograd, inside the Functions)
+
+
+def _logits(x: torch.Tensor, spec: FeatureSpec) -> torch.Tensor:
+    """x (G, n, d) -> x·Wᵀ + b (G, n, M), a fresh tensor (callers modify it in place)."""
+    w = spec.weight
+    if w is None:
+        u = x.clone()
+    elif w.dim() == 2:
+        u = torch.matmul(x, w.T)
+    else:
+        u = torch.bmm(x, w.transpose(1, 2))
+    if spec.bias is not None:
+        u += spec.bias.unsqueeze(1)
+    return u
+
+
+def _activate(u: torch.Tensor, spec: FeatureSpec) -> torch.Tensor:
+    """relu/elu features from pre-activations (G, n, M) (in place where possible)."""
+    if spec.kind == "relu":
+        return torch.relu_(u).add_(RELU_EPSILON).mul_(1.0 / math.sqrt(spec.m))
+    return torch.nn.functional.elu_(u).add_(1.0)
+
+
+def _activation_grad(g: torch.Tensor, u: torch.Tensor, psi: torch.Tensor, spec: FeatureSpec) -> torch.Tensor:
+    """∂L/∂u from ∂L/∂ψ (in place on g).  exp: ψ; relu: [u > 0]/√m; elu: min(ψ, 1)."""
+    if spec.kind == "exp":
+        return g.mul_(psi)
+    if spec.kind == "relu":
+        return g.mul_((u > 0).to(g.dtype)).mul_(1.0 / math.sqrt(spec.m))
+    return g.mul_(psi.clamp(max=1.0))
+
+
+def _query_features(x: torch.Tensor, spec: FeatureSpec, shift: torch.Tensor | None = None):
+    """ψ_q (G, n, M) and, for exp, the row max used as shift (G, n) (or the given shift).
+    Returns (psi, pre-activation or None, shift)."""
+    u = _logits(x, spec)
+    if spec.kind != "exp":
+        pre = u.clone() if spec.kind == "relu" else None  # relu's derivative needs the sign of u
+        return _activate(u, spec), pre, None
+    if shift is None:
+        shift = u.amax(-1)  # (G, n)
+    return u.sub_(shift.unsqueeze(-1)).exp_(), None, shift
+
+
+def _key_log_scales(u_rowmax: torch.Tensor, y: torch.Tensor, spec: FeatureSpec,
+                    mask: torch.Tensor | None) -> torch.Tensor:
+    """h_j = rowmax u_j − ‖y_j‖²/2 + const (exp) or 0 (relu/elu); −inf for masked keys. (G, n)"""
+    if spec.kind == "exp":
+        h = u_rowmax - 0.5 * y.pow(2).sum(-1) + spec.const.unsqueeze(-1)
+    else:
+        h = torch.zeros(y.shape[:2], dtype=y.dtype, device=y.device)
+    if mask is not None:
+        h = h.masked_fill(~mask, float("-inf"))
+    return h
+
+
+def _finite_or_zero(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(torch.isfinite(x), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+
+
+def _with_ones(v: torch.Tensor) -> torch.Tensor:
+    """(G, L, Dv) -> (G, L, Dv + 1) with a last column of ones."""
+    return torch.nn.functional.pad(v, (0, 1), value=1.0)
+
+
+def _upstream(gout: torch.Tensor, out: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """Gradient wrt the unnormalised [numerator, denominator] (G, L, V1) from ∂L/∂out."""
+    g = torch.cat((gout, -(gout * out).sum(-1, keepdim=True)), -1)
+    g = g / safe_denominator(den).unsqueeze(-1)
+    return g.masked_fill_(vanishing_denominator(den).unsqueeze(-1), 0.0)
+
+
+def _weight_grads(spec: FeatureSpec, needs_w: bool, needs_b: bool, gu: torch.Tensor, x: torch.Tensor,
+                  gw: torch.Tensor | None, gb: torch.Tensor | None):
+    """Accumulate ∂L/∂W and ∂L/∂b from ∂L/∂u (G, n, M) of rows x (G, n, d)."""
+    if needs_w:
+        if spec.weight.dim() == 2:
+            part = gu.reshape(-1, gu.shape[-1]).T @ x.reshape(-1, x.shape[-1])  # (M, d)
+        else:
+            part = torch.bmm(gu.transpose(1, 2), x)  # (G, M, d)
+        gw = part if gw is None else gw.add_(part)
+    if needs_b:
+        part = gu.sum(1)  # (G, M)
+        gb = part if gb is None else gb.add_(part)
+    return gw, gb
+
+
+def _input_grad(gu: torch.Tensor, spec: FeatureSpec) -> torch.Tensor:
+    """∂L/∂x from ∂L/∂u (G, n, M) through u = x·Wᵀ."""
+    w = spec.weight
+    if w is None:
+        return gu
+    if w.dim() == 2:
+        return torch.matmul(gu, w)
+    return torch.bmm(gu, w)
+
+
+def _blocks(length: int, rows: int):
+    for start in range(0, length, rows):
+        yield start, min(start + rows, length)
+
+
+# ----------------------------------------------------------------------------------------------
+# bidirectional
+
+
+def _bidir_keys(y, v1, spec, mask, rows):
+    """Σ_j φ_j v1_jᵀ (G, M, V1) relative to the key shift c (G,) (exp; 0 for relu/elu)."""
+    G, Lk, _ = y.shape
+    kv = None
+    c = torch.full((G,), float("-inf"), dtype=y.dtype, device=y.device)
+    for s, e in _blocks(Lk, rows):
+        yb, vb = y[:, s:e], v1[:, s:e]
+        mb = None if mask is None else mask[:, s:e]
+        u = _logits(yb, spec)  # (G, n, M)
+        if spec.kind == "exp":
+            sq = 0.5 * yb.pow(2).sum(-1)  # (G, n)
+            h = u.amax(-1) - sq
+            if mb is not None:
+                h = h.masked_fill(~mb, float("-inf"))
+            c_new = torch.maximum(c, h.amax(-1))
+            ref = _finite_or_zero(c_new)
+            shift = (sq + ref.unsqueeze(-1))
+            if mb is not None:
+                shift = shift.masked_fill(~mb, float("inf"))
+            phi = u.sub_(shift.unsqueeze(-1)).exp_()  # (G, n, M), ≤ 1
+            if kv is not None:
+                kv.mul_(torch.exp(c - ref)[:, None, None])  # c = −inf: kv is 0 anyway
+            c = c_new
+        else:
+            phi = _activate(u, spec)
+            if mb is not None:
+                vb = vb * mb.unsqueeze(-1).to(vb.dtype)
+        part = torch.bmm(phi.transpose(1, 2), vb)  # (G, M, V1)
+        kv = part if kv is None else kv.add_(part)
+    if kv is None:  # no keys at all (Lk = 0)
+        kv = y.new_zeros(G, _num_features(spec, y.shape[-1]), v1.shape[-1])
+    return kv, c
+
+
+def _bidir_forward(x, y, v, spec, mask, rows):
+    G, Lq, _ = x.shape
+    Dv = v.shape[-1]
+    kv, c = _bidir_keys(y, _with_ones(v), spec, mask, rows)
+    out = torch.empty(G, Lq, Dv, dtype=x.dtype, device=x.device)
+    den = torch.empty(G, Lq, dtype=x.dtype, device=x.device)
+    hq = torch.empty(G, Lq, dtype=x.dtype, device=x.device) if spec.kind == "exp" else None
+    for s, e in _blocks(Lq, rows):
+        psi, _, shift = _query_features(x[:, s:e], spec)
+        o = torch.bmm(psi, kv)  # (G, n, V1)
+        den[:, s:e] = o[..., -1]
+        torch.div(o[..., :Dv], safe_denominator(o[..., -1]).unsqueeze(-1), out=out[:, s:e])
+        out[:, s:e].masked_fill_(vanishing_denominator(o[..., -1]).unsqueeze(-1), 0.0)
+        if hq is not None:
+            hq[:, s:e] = shift
+    return out, den, hq, kv, c
+
+
+class _BidirectionalFavor(torch.autograd.Function):
+    """out = D⁻¹ ψ_q (Σ_j φ_j v_jᵀ) with features from x, y (G, L, d); saves no (L, M) tensor."""
+
+    @staticmethod
+    def forward(ctx, x, y, v, weight, bias, const, mask, kind, m, rows):
+        spec = FeatureSpec(kind, weight, bias, const, m)
+        out, den, hq, kv, c = _bidir_forward(x, y, v, spec, mask, rows)
+        ctx.save_for_backward(x, y, v, weight, bias, const, mask, out, den, hq, kv, c)
+        ctx.kind, ctx.m, ctx.rows = kind, m, rows
+        return out
+
+    @staticmethod
+    def backward(ctx, gout):
+        x, y, v, weight, bias, const, mask, out, den, hq, kv, c = ctx.saved_tensors
+        spec = FeatureSpec(ctx.kind, weight, bias, const, ctx.m)
+        rows = ctx.rows
+        needs_x, needs_y, needs_v, needs_w, needs_b = ctx.needs_input_grad[:5]
+        Dv = v.shape[-1]
+        g1 = _upstream(gout, out, den)  # (G, Lq, V1)
+        gw = gb = None
+        gx = torch.empty_like(x) if needs_x else None
+        gkv = torch.zeros_like(kv)  # (G, M, V1)
+        for s, e in _blocks(x.shape[1], rows):
+            xb, gb1 = x[:, s:e], g1[:, s:e]
+            psi, pre, _ = _query_features(xb, spec, None if hq is None else hq[:, s:e])
+            gkv.baddbmm_(psi.transpose(1, 2), gb1)
+            if needs_x or needs_w or needs_b:
+                gu = _activation_grad(torch.bmm(gb1, kv.transpose(1, 2)), pre, psi, spec)  # (G, n, M)
+                if needs_x:
+                    gx[:, s:e] = _input_grad(gu, spec)
+                gw, gb = _weight_grads(spec, needs_w, needs_b, gu, xb, gw, gb)
+        gy = torch.empty_like(y) if needs_y else None
+        gv = torch.empty_like(v) if needs_v else None
+        ref = _finite_or_zero(c)
+        v1 = _with_ones(v)
+        for s, e in _blocks(y.shape[1], rows):
+            yb, vb = y[:, s:e], v1[:, s:e]
+            mb = None if mask is None else mask[:, s:e]
+            u = _logits(yb, spec)
+            pre = None
+            if spec.kind == "exp":
+                shift = 0.5 * yb.pow(2).sum(-1) + ref.unsqueeze(-1)
+                if mb is not None:
+                    shift = shift.masked_fill(~mb, float("inf"))
+                phi = u.sub_(shift.unsqueeze(-1)).exp_()
+            else:
+                pre = u.clone() if spec.kind == "relu" else None
+                phi = _activate(u, spec)
+                if mb is not None:
+                    vb = vb * mb.unsqueeze(-1).to(vb.dtype)
+            if needs_v:
+                gvb = torch.bmm(phi, gkv[..., :Dv])  # (G, n, Dv)
+                if mb is not None and spec.kind != "exp":
+                    gvb.mul_(mb.unsqueeze(-1).to(gvb.dtype))
+                gv[:, s:e] = gvb
+            if needs_y or needs_w or needs_b:
+                gu = _activation_grad(torch.bmm(vb, gkv.transpose(1, 2)), pre, phi, spec)
+                if needs_y:
+                    gyb = _input_grad(gu, spec)
+                    if spec.kind == "exp":
+                        gyb = gyb - yb * gu.sum(-1, keepdim=True)
+                    gy[:, s:e] = gyb
+                gw, gb = _weight_grads(spec, needs_w, needs_b, gu, yb, gw, gb)
+        return gx, gy, gv, gw, gb, None, None, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------
+# causal
+
+
+class _CausalBlock(NamedTuple):
+    """Recomputable intermediates of one causal block of nc chunks of C rows (n = nc·C)."""
+
+    psi_q: torch.Tensor  # (G, nc, C, M)
+    psi_k: torch.Tensor  # (G, nc, C, M)
+    pre_q: torch.Tensor | None  # relu/elu pre-activations (G, n, M)
+    pre_k: torch.Tensor | None
+    E: torch.Tensor  # (G, nc, C, C)  exp(h_j − R_t), 0 for j > t
+    w: torch.Tensor  # (G, nc, C)     exp(h_j − r_end[chunk])
+    carry: torch.Tensor  # (G, nc, C)  exp(r_before[chunk] − R_t)
+    D: torch.Tensor  # (G, nc + 1, nc)  exp(r_end[n'] − r_before[n]) for n' < n
+    d0: torch.Tensor  # (G, nc + 1)  exp(r_prev − r_before[n])
+    r_last: torch.Tensor  # (G,) running max after the block
+
+
+def _causal_block(xb, yb, spec, mb, C, r_prev) -> _CausalBlock:
+    G, n, _ = xb.shape
+    nc = n // C
+    dtype, device = xb.dtype, xb.device
+    psi_q, pre_q, _ = _query_features(xb, spec)
+    uk = _logits(yb, spec)
+    if spec.kind == "exp":
+        mk = uk.amax(-1)  # (G, n)
+        psi_k, pre_k = uk.sub_(mk.unsqueeze(-1)).exp_(), None
+    else:
+        mk = None
+        pre_k = uk.clone() if spec.kind == "relu" else None
+        psi_k = _activate(uk, spec)
+    h = _key_log_scales(mk, yb, spec, mb)  # (G, n)
+    run = torch.maximum(torch.cummax(h, dim=-1).values, r_prev.unsqueeze(-1))  # (G, n) R_t
+    ref = _finite_or_zero(run)
+    h4 = h.view(G, nc, 1, C)
+    ref4 = ref.view(G, nc, C, 1)
+    future = torch.ones(C, C, dtype=torch.bool, device=device).triu_(1)
+    E = (h4 - ref4).masked_fill_(future, float("-inf")).exp_()  # (G, nc, C, C)
+    r_end = run.view(G, nc, C)[..., -1]  # (G, nc)
+    ref_end = _finite_or_zero(r_end)
+    w = torch.exp(h.view(G, nc, C) - ref_end.unsqueeze(-1))  # (G, nc, C)
+    r_before = torch.cat((r_prev.unsqueeze(-1), r_end), -1)  # (G, nc + 1)
+    ref_before = _finite_or_zero(r_before)
+    carry = torch.exp(r_before[:, :nc].unsqueeze(-1) - ref.view(G, nc, C))  # (G, nc, C)
+    idx = torch.arange(nc + 1, device=device)
+    valid = (idx[None, :nc] < idx[:, None]).unsqueeze(0) & torch.isfinite(r_end).unsqueeze(1)  # (G, nc+1, nc)
+    D = (ref_end.unsqueeze(1) - ref_before.unsqueeze(-1)).masked_fill_(~valid, float("-inf")).exp_()
+    d0 = torch.exp(r_prev.unsqueeze(-1) - ref_before)  # (G, nc + 1); r_prev = −inf: 0
+    M = psi_q.shape[-1]
+    return _CausalBlock(psi_q.view(G, nc, C, M), psi_k.view(G, nc, C, M), pre_q, pre_k,
+                        E, w, carry, D, d0, run[:, -1])
+
+
+def _block_plan(L: int, C: int, rows: int):
+    """(start, stop, chunk) triples covering 0..L: blocks of whole chunks, then the remainder."""
+    C = min(C, L) if L > 0 else C
+    per = max(1, rows // C) * C
+    full = (L // C) * C
+    plan = [(s, min(s + per, full), C) for s in range(0, full, per)]
+    if full < L:
+        plan.append((full, L, L - full))
+    return plan
+
+
+def _causal_forward(x, y, v, spec, mask, C, rows, kv0, r0):
+    """Returns out (G, L, Dv), den (G, L), states before each block (list of (kv1, r)), final."""
+    G, L, _ = x.shape
+    Dv = v.shape[-1]
+    v1 = _with_ones(v)
+    out = torch.empty(G, L, Dv, dtype=x.dtype, device=x.device)
+    den = torch.empty(G, L, dtype=x.dtype, device=x.device)
+    S, r = kv0, r0  # (G, M, V1) relative to finite(r); (G,)
+    saved = []
+    for s, e, c in _block_plan(L, C, rows):
+        saved.append((S, r))
+        mb = None if mask is None else mask[:, s:e]
+        blk = _causal_block(x[:, s:e], y[:, s:e], spec, mb, c, r)
+        nc = (e - s) // c
+        M = blk.psi_q.shape[-1]
+        v4 = v1[:, s:e].view(G, nc, c, Dv + 1)
+        A = torch.matmul(blk.psi_q, blk.psi_k.transpose(-1, -2)).mul_(blk.E)  # (G, nc, C, C)
+        o = torch.matmul(A, v4)  # (G, nc, C, V1)
+        kvc = torch.matmul(blk.psi_k.transpose(-1, -2), v4 * blk.w.unsqueeze(-1))  # (G, nc, M, V1)
+        S_all = torch.bmm(blk.D, kvc.view(G, nc, -1))  # (G, nc + 1, M·V1)
+        S_all += blk.d0.unsqueeze(-1) * S.reshape(G, 1, -1)
+        S_all = S_all.view(G, nc + 1, M, Dv + 1)
+        o += blk.carry.unsqueeze(-1) * torch.matmul(blk.psi_q, S_all[:, :nc])
+        o = o.view(G, e - s, Dv + 1)
+        den[:, s:e] = o[..., -1]
+        torch.div(o[..., :Dv], safe_denominator(o[..., -1]).unsqueeze(-1), out=out[:, s:e])
+        out[:, s:e].masked_fill_(vanishing_denominator(o[..., -1]).unsqueeze(-1), 0.0)
+        S, r = S_all[:, nc], blk.r_last
+    return out, den, saved, (S, r)
+
+
+class _CausalFavor(torch.autograd.Function):
+    """Causal fused FAVOR from an empty state; saves states at block starts, not features."""
+
+    @staticmethod
+    def forward(ctx, x, y, v, weight, bias, const, mask, kind, m, chunk, rows):
+        spec = FeatureSpec(kind, weight, bias, const, m)
+        G, M = x.shape[0], _num_features(spec, x.shape[-1])
+        kv0 = x.new_zeros(G, M, v.shape[-1] + 1)
+        r0 = torch.full((G,), float("-inf") if kind == "exp" else 0.0, dtype=x.dtype, device=x.device)
+        out, den, saved, _ = _causal_forward(x, y, v, spec, mask, chunk, rows, kv0, r0)
+        states = torch.stack([s for s, _ in saved])  # (nblocks, G, M, V1)
+        logs = torch.stack([r for _, r in saved])  # (nblocks, G)
+        ctx.save_for_backward(x, y, v, weight, bias, const, mask, out, den, states, logs)
+        ctx.kind, ctx.m, ctx.chunk, ctx.rows = kind, m, chunk, rows
+        return out
+
+    @staticmethod
+    def backward(ctx, gout):
+        x, y, v, weight, bias, const, mask, out, den, states, logs = ctx.saved_tensors
+        spec = FeatureSpec(ctx.kind, weight, bias, const, ctx.m)
+        needs_x, needs_y, needs_v, needs_w, needs_b = ctx.needs_input_grad[:5]
+        G, L, _ = x.shape
+        Dv = v.shape[-1]
+        v1 = _with_ones(v)
+        g1 = _upstream(gout, out, den)  # (G, L, V1)
+        gx, gy, gv = torch.empty_like(x), torch.empty_like(y), torch.empty_like(v)
+        gw = gb = None
+        grev = torch.zeros_like(states[0])  # (G, M, V1): Σ over later queries, rel. to block end
+        plan = _block_plan(L, ctx.chunk, ctx.rows)
+        for i in range(len(plan) - 1, -1, -1):
+            s, e, c = plan[i]
+            S, r = states[i], logs[i]
+            mb = None if mask is None else mask[:, s:e]
+            xb, yb = x[:, s:e], y[:, s:e]
+            blk = _causal_block(xb, yb, spec, mb, c, r)
+            nc = (e - s) // c
+            M = blk.psi_q.shape[-1]
+            v4 = v1[:, s:e].view(G, nc, c, Dv + 1)
+            g4 = g1[:, s:e].view(G, nc, c, Dv + 1)
+            # forward states before each chunk, recomputed
+            kvc = torch.matmul(blk.psi_k.transpose(-1, -2), v4 * blk.w.unsqueeze(-1))
+            S_all = torch.bmm(blk.D, kvc.view(G, nc, -1))
+            S_all += blk.d0.unsqueeze(-1) * S.reshape(G, 1, -1)
+            S_all = S_all.view(G, nc + 1, M, Dv + 1)[:, :nc]
+            # reverse states: P_n from this block's queries, plus grev from later blocks
+            gc = g4 * blk.carry.unsqueeze(-1)  # (G, nc, C, V1)
+            P = torch.matmul(blk.psi_q.transpose(-1, -2), gc)  # (G, nc, M, V1)
+            P_ext = torch.cat((P.reshape(G, nc, -1), grev.reshape(G, 1, -1)), 1)  # (G, nc + 1, M·V1)
+            Gst = torch.bmm(blk.D.transpose(1, 2), P_ext).view(G, nc, M, Dv + 1)  # rel. to r_end[n]
+            grev = torch.bmm(blk.d0.unsqueeze(1), P_ext).view(G, M, Dv + 1)  # rel. to r_prev
+            Gs = torch.matmul(g4, v4.transpose(-1, -2)).mul_(blk.E)  # (G, nc, C, C)
+            A = torch.matmul(blk.psi_q, blk.psi_k.transpose(-1, -2)).mul_(blk.E)
+            # ∂/∂ψ_q, ∂/∂ψ_k, ∂/∂v1
+            gpq = torch.matmul(Gs, blk.psi_k)
+            gpq += torch.matmul(gc, S_all.transpose(-1, -2))
+            wv = v4 * blk.w.unsqueeze(-1)
+            gpk = torch.matmul(Gs.transpose(-1, -2), blk.psi_q)
+            gpk += torch.matmul(wv, Gst.transpose(-1, -2))
+            gv1 = torch.matmul(A.transpose(-1, -2), g4)
+            gv1 += blk.w.unsqueeze(-1) * torch.matmul(blk.psi_k, Gst)
+            gv[:, s:e] = gv1.view(G, e - s, Dv + 1)[..., :Dv]
+            n = e - s
+            guq = _activation_grad(gpq.view(G, n, M), blk.pre_q, blk.psi_q.view(G, n, M), spec)
+            guk = _activation_grad(gpk.view(G, n, M), blk.pre_k, blk.psi_k.view(G, n, M), spec)
+            gx[:, s:e] = _input_grad(guq, spec)
+            gyb = _input_grad(guk, spec)
+            if spec.kind == "exp":
+                gyb = gyb - yb * guk.sum(-1, keepdim=True)
+            gy[:, s:e] = gyb
+            gw, gb = _weight_grads(spec, needs_w, needs_b, guq, xb, gw, gb)
+            gw, gb = _weight_grads(spec, needs_w, needs_b, guk, yb, gw, gb)
+        return (gx if needs_x else None, gy if needs_y else None, gv if needs_v else None,
+                gw, gb, None, None, None, None, None, None)
+
+
+def _num_features(spec: FeatureSpec, dim: int) -> int:
+    if spec.weight is None:
+        return dim
+    return spec.weight.shape[-2]
+
+
+# ----------------------------------------------------------------------------------------------
+# entry point
+
+
+def fused_attention(
+    x: torch.Tensor, y: torch.Tensor, v: torch.Tensor, spec: FeatureSpec, *,
+    is_causal: bool, key_padding_mask: torch.Tensor | None, chunk_size: int,
+    initial_state=None, return_state: bool = False, rows: int | None = None,
+):
+    """Fused FAVOR on scaled queries/keys.
+
+    x (B, H, Lq, d), y (B, H, Lk, d), v (B, H, Lk, Dv) in the compute dtype; spec from
+    :func:`make_spec`; key_padding_mask (B, Lk) bool or None; initial_state a
+    :class:`favor.linear.FavorState` (causal only).  Returns (out (B, H, Lq, Dv), state or None)
+    with state = (kv (B, H, M, Dv), k_sum (B, H, M), log_scale (B, H)).
+
+    With autograd (any input requiring grad) only the stateless calls are supported here
+    (initial_state None, return_state False); :func:`favor.attention.favor_attention` routes the
+    others to the generic path.
+    """
+    rows = BLOCK_ROWS if rows is None else rows
+    B, H, Lq, d = x.shape
+    G = B * H
+    xg = x.reshape(G, Lq, d)
+    yg = y.reshape(G, y.shape[2], d)
+    vg = v.reshape(G, v.shape[2], v.shape[3])
+    mask = None
+    if key_padding_mask is not None:
+        mask = key_padding_mask.unsqueeze(1).expand(B, H, -1).reshape(G, -1)
+    rows_g = rows
+    tensors = (x, y, v, spec.weight, spec.bias)
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if grad and (initial_state is not None or return_state):
+        raise ValueError("fused_attention with autograd supports no initial_state/return_state")
+    Dv = v.shape[-1]
+    if not is_causal:
+        if grad:
+            out = _BidirectionalFavor.apply(xg, yg, vg, spec.weight, spec.bias, spec.const, mask,
+                                            spec.kind, spec.m, rows_g)
+        else:
+            with torch.no_grad():
+                out = _bidir_forward(xg, yg, vg, spec, mask, rows_g)[0]
+        return out.view(B, H, Lq, Dv), None
+    if grad:
+        out = _CausalFavor.apply(xg, yg, vg, spec.weight, spec.bias, spec.const, mask,
+                                 spec.kind, spec.m, chunk_size, rows_g)
+        return out.view(B, H, Lq, Dv), None
+    M = _num_features(spec, d)
+    with torch.no_grad():
+        if initial_state is None:
+            kv0 = x.new_zeros(G, M, Dv + 1)
+            r0 = torch.full((G,), float("-inf"), dtype=x.dtype, device=x.device)
+            log0 = r0
+        else:
+            kv0 = torch.cat((initial_state.kv, initial_state.k_sum.unsqueeze(-1)), -1).reshape(G, M, Dv + 1)
+            log0 = initial_state.log_scale.reshape(G)
+            r0 = log0
+        if spec.kind != "exp":
+            r0 = torch.zeros_like(log0)  # relu/elu states are absolute; log_scale is carried as is
+        out, _, _, (S, r) = _causal_forward(xg, yg, vg, spec, mask, chunk_size, rows_g, kv0, r0)
+        if spec.kind != "exp":
+            r = log0
+    state = None
+    if return_state:
+        S = S.reshape(B, H, M, Dv + 1)
+        state = (S[..., :Dv], S[..., Dv], r.reshape(B, H))
+    return out.view(B, H, Lq, Dv), state
