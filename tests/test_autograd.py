@@ -12,7 +12,7 @@ from favor.reference import explicit_favor_attention
 
 # (features, kernel)
 KINDS = [("positive", "softmax"), ("hyperbolic", "softmax"), ("oprf", "softmax"),
-         (None, "relu"), (None, "elu")]
+         ("hyperbolic_oprf", "softmax"), (None, "relu"), (None, "elu")]
 KIND_IDS = [f if k == "softmax" else k for f, k in KINDS]
 
 
@@ -34,7 +34,7 @@ def _spec_inputs(features, kernel, B, H, L, d, dv, m, seed, masked):
     g = torch.Generator().manual_seed(seed + 1)
     proj = None if kernel == "elu" else favor.gaussian_orthogonal_matrix(m, d, generator=g, dtype=torch.float64)
     a = None
-    if features == "oprf":
+    if features in ("oprf", "hyperbolic_oprf"):
         a = favor.oprf_parameter(q * d ** -0.25, k * d ** -0.25)
     spec = fused.make_spec(proj, features, kernel, a, B * H, d)
     mask = None

@@ -18,7 +18,7 @@ gradients against :mod:`favor.reference` in float64 and runs ``gradcheck``.
 Feature kinds handled here (everything else goes through the generic path in
 :func:`favor.attention.favor_attention`):
 
-* exponential (``positive``, ``hyperbolic``, ``oprf``): logits u = x·Wᵀ + b − ‖x‖²/2 + const with
+* exponential (``positive``, ``hyperbolic``, ``oprf``, ``hyperbolic_oprf``): logits u = x·Wᵀ + b − ‖x‖²/2 + const with
   W (M, d) shared or (G, M, d) per head, b (G, M) or None, const (G,) a per-head constant.
   ψ = exp(u − rowmax u); the per-row terms ‖x‖²/2 and const only matter for keys (for queries any
   per-row factor cancels in the normalisation, so they are never computed there).
@@ -46,7 +46,7 @@ __all__ = ["FUSED_KINDS", "FeatureSpec", "fused_attention", "make_spec"]
 
 #: (features, kernel) pairs with a fused kernel.
 FUSED_KINDS = (("positive", "softmax"), ("hyperbolic", "softmax"), ("oprf", "softmax"),
-               (None, "relu"), (None, "elu"))
+               ("hyperbolic_oprf", "softmax"), (None, "relu"), (None, "elu"))
 
 #: rows per block and head (a block holds G·BLOCK_ROWS rows of every (·, M) temporary);
 #: chosen by measurement, see docs/benchmarks.md
@@ -87,12 +87,15 @@ def make_spec(
     if features == "hyperbolic":
         const = torch.full((groups,), -0.5 * math.log(2 * m), dtype=dtype, device=device)
         return FeatureSpec("exp", torch.cat((projection, -projection), 0), None, const, m)
-    if features == "oprf":
+    if features in ("oprf", "hyperbolic_oprf"):
         a = oprf_a.to(dtype).reshape(groups)  # (G,)
         one_minus_4a = 1 - 4 * a
-        weight = torch.sqrt(one_minus_4a)[:, None, None] * projection  # (G, m, d)
-        bias = a[:, None] * projection.pow(2).sum(-1)  # (G, m)
-        const = (dim / 4) * torch.log(one_minus_4a) - 0.5 * math.log(m)
+        w, sq = projection, projection.pow(2).sum(-1)  # (m, d), (m,)
+        if features == "hyperbolic_oprf":  # antithetic pairs ±ω_i
+            w, sq = torch.cat((w, -w), 0), sq.repeat(2)
+        weight = torch.sqrt(one_minus_4a)[:, None, None] * w  # (G, M, d)
+        bias = a[:, None] * sq  # (G, M)
+        const = (dim / 4) * torch.log(one_minus_4a) - 0.5 * math.log(w.shape[0])
         return FeatureSpec("exp", weight, bias, const, m)
     raise ValueError(f"no fused kernel for features={features!r}, kernel={kernel!r}")
 

@@ -1,0 +1,47 @@
+"""benchmarks/attention.py --quick runs as a subprocess and writes the expected cases with finite
+numbers (a smoke run: no timing assertions); benchmarks/plot.py turns that JSON into figures."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def quick_result(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "quick.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "attention.py"), "--quick",
+                    "--methods", "favor", "sdpa", "--json", str(out)], check=True, timeout=300)
+    return json.loads(out.read_text()), out
+
+
+def test_quick_run_has_every_case_with_finite_numbers(quick_result):
+    result, _ = quick_result
+    got = {(c["method"], c["direction"], c["mode"], c["L"]) for c in result["cases"]}
+    want = {(m, d, mode, L) for m in ("favor", "sdpa") for d in ("bidirectional", "causal")
+            for mode in ("fwd", "fwd+bwd") for L in (128, 256)}
+    assert got == want
+    for c in result["cases"]:
+        assert c["status"] == "ok"
+        for key in ("median_s", "gflops", "fraction_of_matmul", "peak_extra_mib"):
+            assert math.isfinite(c[key]), (c, key)
+        assert c["median_s"] > 0 and c["peak_extra_mib"] >= 0
+    assert math.isfinite(result["matmul_gflops"]) and result["matmul_gflops"] > 0
+    assert result["machine"]["threads"] == 2
+    methods = {row["method"] for row in result["decoding"]}
+    assert "favor_attention_step" in methods
+    assert all(math.isfinite(row["per_token_s"]) and row["per_token_s"] > 0 for row in result["decoding"])
+
+
+def test_plot_writes_both_figures_and_a_table(quick_result, tmp_path):
+    _, path = quick_result
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "plot.py"), str(path), "--out",
+                          str(tmp_path), "--table"], check=True, capture_output=True, text=True, timeout=120)
+    for name in ("benchmark_time.png", "benchmark_memory.png"):
+        assert (tmp_path / name).stat().st_size > 1000
+    assert "| favor |" in res.stdout and "| sdpa |" in res.stdout
