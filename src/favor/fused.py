@@ -109,8 +109,9 @@ def _logits(x: torch.Tensor, spec: FeatureSpec) -> torch.Tensor:
     w = spec.weight
     if w is None:
         u = x.clone()
-    elif w.dim() == 2:
-        u = torch.matmul(x, w.T)
+    elif w.dim() == 2:  # one (G·n, d) @ (d, M) GEMM, not a batched one with an expanded W
+        G, n, d = x.shape
+        u = torch.mm(x.reshape(G * n, d), w.T).view(G, n, w.shape[0])
     else:
         u = torch.bmm(x, w.transpose(1, 2))
     if spec.bias is not None:
@@ -342,8 +343,7 @@ class _CausalBlock(NamedTuple):
     E: torch.Tensor  # (G, nc, C, C)  exp(h_j − R_t), 0 for j > t
     w: torch.Tensor  # (G, nc, C)     exp(h_j − r_end[chunk])
     carry: torch.Tensor  # (G, nc, C)  exp(r_before[chunk] − R_t)
-    D: torch.Tensor  # (G, nc + 1, nc)  exp(r_end[n'] − r_before[n]) for n' < n
-    d0: torch.Tensor  # (G, nc + 1)  exp(r_prev − r_before[n])
+    decay: torch.Tensor  # (G, nc)  exp(r_before[n] − r_end[n]) ≤ 1 (0 while no key was present)
     r_last: torch.Tensor  # (G,) running max after the block
 
 
@@ -371,15 +371,13 @@ def _causal_block(xb, yb, spec, mb, C, r_prev) -> _CausalBlock:
     ref_end = _finite_or_zero(r_end)
     w = torch.exp(h.view(G, nc, C) - ref_end.unsqueeze(-1))  # (G, nc, C)
     r_before = torch.cat((r_prev.unsqueeze(-1), r_end), -1)  # (G, nc + 1)
-    ref_before = _finite_or_zero(r_before)
     carry = torch.exp(r_before[:, :nc].unsqueeze(-1) - ref.view(G, nc, C))  # (G, nc, C)
-    idx = torch.arange(nc + 1, device=device)
-    valid = (idx[None, :nc] < idx[:, None]).unsqueeze(0) & torch.isfinite(r_end).unsqueeze(1)  # (G, nc+1, nc)
-    D = (ref_end.unsqueeze(1) - ref_before.unsqueeze(-1)).masked_fill_(~valid, float("-inf")).exp_()
-    d0 = torch.exp(r_prev.unsqueeze(-1) - ref_before)  # (G, nc + 1); r_prev = −inf: 0
+    # state relative to finite(r_before[n]) -> relative to finite(r_end[n]); r_before = −inf: the
+    # state is 0 and the factor is 0 too (no inf·0)
+    decay = torch.exp(r_before[:, :nc] - ref_end)  # (G, nc), ≤ 1
     M = psi_q.shape[-1]
     return _CausalBlock(psi_q.view(G, nc, C, M), psi_k.view(G, nc, C, M), pre_q, pre_k,
-                        E, w, carry, D, d0, run[:, -1])
+                        E, w, carry, decay, run[:, -1])
 
 
 def _block_plan(L: int, C: int, rows: int):
@@ -412,9 +410,7 @@ def _causal_forward(x, y, v, spec, mask, C, rows, kv0, r0):
         A = torch.matmul(blk.psi_q, blk.psi_k.transpose(-1, -2)).mul_(blk.E)  # (G, nc, C, C)
         o = torch.matmul(A, v4)  # (G, nc, C, V1)
         kvc = torch.matmul(blk.psi_k.transpose(-1, -2), v4 * blk.w.unsqueeze(-1))  # (G, nc, M, V1)
-        S_all = torch.bmm(blk.D, kvc.view(G, nc, -1))  # (G, nc + 1, M·V1)
-        S_all += blk.d0.unsqueeze(-1) * S.reshape(G, 1, -1)
-        S_all = S_all.view(G, nc + 1, M, Dv + 1)
+        S_all = _prefix_states(S, kvc, blk.decay)  # (G, nc + 1, M, V1)
         o += blk.carry.unsqueeze(-1) * torch.matmul(blk.psi_q, S_all[:, :nc])
         o = o.view(G, e - s, Dv + 1)
         den[:, s:e] = o[..., -1]
@@ -422,6 +418,37 @@ def _causal_forward(x, y, v, spec, mask, C, rows, kv0, r0):
         out[:, s:e].masked_fill_(vanishing_denominator(o[..., -1]).unsqueeze(-1), 0.0)
         S, r = S_all[:, nc], blk.r_last
     return out, den, saved, (S, r)
+
+
+def _prefix_states(S0: torch.Tensor, kvc: torch.Tensor, decay: torch.Tensor) -> torch.Tensor:
+    """States before each chunk and after the last: S_0 = S0, S_{n+1} = decay_n·S_n + kvc_n.
+
+    S0 (G, M, V1), kvc (G, nc, M, V1) chunk sums relative to finite(r_end[n]), decay (G, nc)
+    -> (G, nc + 1, M, V1), S_n relative to finite(r_before[n])."""
+    G, nc = decay.shape
+    S_all = kvc.new_empty(G, nc + 1, *kvc.shape[2:])
+    S_all[:, 0] = S0
+    for n in range(nc):
+        torch.addcmul(kvc[:, n], S_all[:, n], decay[:, n, None, None], out=S_all[:, n + 1])
+    return S_all
+
+
+def _suffix_states(P: torch.Tensor, after: torch.Tensor, decay: torch.Tensor):
+    """Reverse scan of the backward pass.
+
+    P (G, nc, M, V1): Σ over the queries t of chunk n of carry_t·ψ_q[t]·g_tᵀ (relative to
+    finite(r_before[n])); after (G, M, V1): the same sum over all later blocks, relative to
+    finite(r_end[nc − 1]); decay (G, nc) as in the forward scan.  Returns Gst (G, nc, M, V1), the
+    sum over all queries after chunk n relative to finite(r_end[n]), and the sum over all queries
+    of this block and later ones relative to finite(r_before[0]) (the previous block's ``after``).
+    """
+    G, nc = decay.shape
+    Gst = torch.empty_like(P)
+    acc = after  # rel. to r_end[nc - 1]
+    for n in range(nc - 1, -1, -1):
+        Gst[:, n] = acc  # rel. to r_end[n]
+        acc = torch.addcmul(P[:, n], acc, decay[:, n, None, None])  # rel. to r_before[n]
+    return Gst, acc
 
 
 class _CausalFavor(torch.autograd.Function):
@@ -465,15 +492,11 @@ class _CausalFavor(torch.autograd.Function):
             g4 = g1[:, s:e].view(G, nc, c, Dv + 1)
             # forward states before each chunk, recomputed
             kvc = torch.matmul(blk.psi_k.transpose(-1, -2), v4 * blk.w.unsqueeze(-1))
-            S_all = torch.bmm(blk.D, kvc.view(G, nc, -1))
-            S_all += blk.d0.unsqueeze(-1) * S.reshape(G, 1, -1)
-            S_all = S_all.view(G, nc + 1, M, Dv + 1)[:, :nc]
+            S_all = _prefix_states(S, kvc, blk.decay)[:, :nc]
             # reverse states: P_n from this block's queries, plus grev from later blocks
             gc = g4 * blk.carry.unsqueeze(-1)  # (G, nc, C, V1)
             P = torch.matmul(blk.psi_q.transpose(-1, -2), gc)  # (G, nc, M, V1)
-            P_ext = torch.cat((P.reshape(G, nc, -1), grev.reshape(G, 1, -1)), 1)  # (G, nc + 1, M·V1)
-            Gst = torch.bmm(blk.D.transpose(1, 2), P_ext).view(G, nc, M, Dv + 1)  # rel. to r_end[n]
-            grev = torch.bmm(blk.d0.unsqueeze(1), P_ext).view(G, M, Dv + 1)  # rel. to r_prev
+            Gst, grev = _suffix_states(P, grev, blk.decay)
             Gs = torch.matmul(g4, v4.transpose(-1, -2)).mul_(blk.E)  # (G, nc, C, C)
             A = torch.matmul(blk.psi_q, blk.psi_k.transpose(-1, -2)).mul_(blk.E)
             # ∂/∂ψ_q, ∂/∂ψ_k, ∂/∂v1

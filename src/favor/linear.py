@@ -17,6 +17,7 @@ denominator.  A row with nothing to attend to (denominator exactly 0) gets outpu
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -50,11 +51,28 @@ def _finite_or_zero(x: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(x), x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
+def vanishing_denominator(den: torch.Tensor) -> torch.Tensor:
+    """Bool mask of denominators treated as "nothing to attend to": |den| < √tiny of the dtype
+    (about 1e-19 in float32, 1e-154 in float64).
+
+    Features are normalised so that the best query feature and the heaviest key weigh 1; a
+    denominator this small means every query–key feature product underflowed (norms far outside
+    where the estimator means anything) or no key is present.  Such rows get output 0 and zero
+    gradient, which keeps 1/den and 1/den² finite in the backward pass.
+    """
+    return den.abs() < math.sqrt(torch.finfo(den.dtype).tiny)
+
+
+def safe_denominator(den: torch.Tensor) -> torch.Tensor:
+    """den with vanishing entries replaced by 1 (their rows are zeroed separately)."""
+    return torch.where(vanishing_denominator(den), torch.ones((), dtype=den.dtype, device=den.device), den)
+
+
 def _normalise(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
-    """num / den[..., None], with 0 where den == 0 (nothing to attend to)."""
+    """num / den[..., None], with 0 where the denominator vanishes (nothing to attend to)."""
     den = den.unsqueeze(-1)
-    safe = torch.where(den == 0, torch.ones((), dtype=den.dtype, device=den.device), den)
-    return num / safe
+    out = num / safe_denominator(den)
+    return out.masked_fill(vanishing_denominator(den), 0.0)
 
 
 def _key_weights(k_log_scale: torch.Tensor | None, shift: torch.Tensor) -> torch.Tensor | None:
