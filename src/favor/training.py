@@ -183,9 +183,10 @@ def evaluate(
     (:func:`favor.data.corpus.eval_windows`); each rank evaluates every ``world_size``-th batch."""
     was_training = model.training
     model.eval()
-    x_all, y_all = eval_windows(corpus.val, batches * batch_size, seq_len)
-    total = torch.zeros((), dtype=torch.float64)
-    count = torch.zeros((), dtype=torch.float64)
+    device = next(model.parameters()).device  # a CUDA rank's GPU under torchrun + nccl
+    x_all, y_all = (t.to(device) for t in eval_windows(corpus.val, batches * batch_size, seq_len))
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = torch.zeros((), dtype=torch.float64, device=device)
     try:
         for b in range(rank, batches, world_size):
             x = x_all[b * batch_size:(b + 1) * batch_size]
@@ -336,6 +337,7 @@ def train(
         truncate_metrics(metrics_path, start_step)
     redraw = ProjectionRedraw(model, cfg.redraw_every, cfg.seed) if cfg.redraw_every else None
     local_batch = cfg.batch_size // world_size
+    device = next(model.parameters()).device
     tokens_per_step = cfg.batch_size * cfg.seq_len
 
     def validate(step: int) -> tuple[float, float]:
@@ -377,6 +379,7 @@ def train(
                 group["lr"] = lr
             x, y = get_batch(corpus.train, step, seed=cfg.seed, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
                              rank=rank, world_size=world_size)
+            x, y = x.to(device), y.to(device)  # no-op on the CPU
             logits = forward(x)  # (b, L, V)
             loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
             optimizer.zero_grad(set_to_none=True)

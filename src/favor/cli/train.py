@@ -119,6 +119,9 @@ def register(subparsers) -> None:
     mg = p.add_argument_group("model (favor.models.PerformerConfig)")
     model_names = add_dataclass_options(mg, PerformerConfig, exclude=_FROM_DATA + _FROM_TRAINER, defaults=MODEL_DEFAULTS)
     p.set_defaults(func=run, _train_names=train_names, _model_names=model_names)
+    from ..distributed import add_distributed_options
+
+    add_distributed_options(p)
 
 
 def _conflicts(explicit: dict[str, Any], stored: dict[str, Any], where: str, fixed: set[str]) -> None:
@@ -141,10 +144,23 @@ def _default_out(corpus_source: str, attention: str) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..distributed import command_line, init_distributed, launch, shutdown
+
+    if args.nproc != 1:  # relaunch this command under torchrun
+        return launch(["train", *command_line(args._parser, args, drop=("nproc",))], args.nproc)
+    dist_ctx = init_distributed(args.backend)  # single-process context outside torchrun
+    try:
+        return _run(args, dist_ctx)
+    finally:
+        shutdown(dist_ctx)
+
+
+def _run(args: argparse.Namespace, dist_ctx: Any) -> int:
     import torch
 
     from ..checkpoint import find_checkpoint, load_checkpoint, load_weights
     from ..data.corpus import load_corpus
+    from ..distributed import data_parallel
     from ..models import PerformerConfig, PerformerLM
     from ..training import TrainConfig, describe_run, make_optimizer, restore_training_state, train
 
@@ -206,7 +222,7 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"--seq-len {train_cfg.seq_len} exceeds the model's max_len {model_cfg.max_len}; "
                        "raise --max-len")
     torch.manual_seed(train_cfg.seed)
-    model = PerformerLM(model_cfg)
+    model = PerformerLM(model_cfg).to(dist_ctx.device)
     optimizer = make_optimizer(model, train_cfg)
     start = 0
     if ckpt is not None:
@@ -216,12 +232,17 @@ def run(args: argparse.Namespace) -> int:
         if skipped:
             print(f"init-from {init.path}: kept this model's own {', '.join(skipped)}", file=sys.stderr)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"data: {corpus.describe()}", file=sys.stderr)
-    print(f"model: {n_params:,} parameters, attention={model_cfg.attention}; run folder: {out}"
-          + (f"; resuming at step {start}" if ckpt is not None else ""), file=sys.stderr)
+    if dist_ctx.is_main:
+        print(f"data: {corpus.describe()}", file=sys.stderr)
+        print(f"model: {n_params:,} parameters, attention={model_cfg.attention}; run folder: {out}"
+              + (f"; resuming at step {start}" if ckpt is not None else ""), file=sys.stderr)
     result = train(model, optimizer, corpus, train_cfg, out_dir=out,
                    checkpoint_config=describe_run(model_cfg.to_dict(), train_cfg, corpus),
-                   start_step=start, progress=args.progress)
+                   start_step=start, progress=args.progress,
+                   **data_parallel(model, dist_ctx, batch_size=train_cfg.batch_size,
+                                   data_fingerprint=corpus.fingerprint()))
+    if not dist_ctx.is_main:
+        return EXIT_INTERRUPTED if result.interrupted else 0
     unit = corpus.tokenizer.unit
     if result.val_bits is not None:
         print(f"validation: {result.val_bits:.4f} bits per {unit} at step {result.step}")
