@@ -9,6 +9,9 @@ Cases are declarative (:func:`cases`): method × direction (bidirectional | caus
 
 Methods:
   favor               favor.favor_attention, positive features, m=256 orthogonal projections
+  favor-generic       the unfused path favor uses for kinds without a fused kernel (and used for
+                      all kinds before the fused kernels): feature_map, then
+                      favor.linear.linear_attention / causal_linear_attention, autograd throughout
   sdpa                torch.nn.functional.scaled_dot_product_attention (exact; is_causal)
   performer-pytorch   performer_pytorch.FastAttention(nb_features=256) (causal: its CPU path)
   performer-pytorch+ft  the same, causal, with attn.causal_linear_fn set to its wrapper of
@@ -56,7 +59,7 @@ B, H, D, DV, M = 1, 8, 64, 64, 256
 THREADS = 2
 DIRECTIONS = ("bidirectional", "causal")
 MODES = ("fwd", "fwd+bwd")
-METHODS = ("favor", "sdpa", "performer-pytorch", "performer-pytorch+ft", "fast-transformers")
+METHODS = ("favor", "favor-generic", "sdpa", "performer-pytorch", "performer-pytorch+ft", "fast-transformers")
 FULL_LENGTHS = tuple(2 ** p for p in range(9, 16))  # 512 … 32768
 QUICK_LENGTHS = (128, 256)
 
@@ -96,6 +99,20 @@ def build(method: str, causal: bool):
 
         w = favor.gaussian_orthogonal_matrix(M, D, generator=g)
         return lambda q, k, v: favor.favor_attention(q, k, v, w, is_causal=causal)
+    if method == "favor-generic":
+        import favor
+
+        w = favor.gaussian_orthogonal_matrix(M, D, generator=g)
+        root = D ** -0.25
+
+        def generic(q, k, v):
+            fq = favor.feature_map(q * root, w)
+            fk = favor.feature_map(k * root, w)
+            if causal:
+                return favor.causal_linear_attention(fq.psi, fk.psi, v, fk.log_scale)[0]
+            return favor.linear_attention(fq.psi, fk.psi, v, fk.log_scale)
+
+        return generic
     if method == "sdpa":
         return lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
     if method.startswith("performer-pytorch"):

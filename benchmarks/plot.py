@@ -18,7 +18,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-STYLE = {"favor": ("C0", "o"), "sdpa": ("C3", "s"), "performer-pytorch": ("C1", "^"),
+STYLE = {"favor": ("C0", "o"), "favor-generic": ("C7", "x"), "sdpa": ("C3", "s"), "performer-pytorch": ("C1", "^"),
          "performer-pytorch+ft": ("C4", "v"), "fast-transformers": ("C2", "D")}
 PANELS = [(d, m) for d in ("bidirectional", "causal") for m in ("fwd", "fwd+bwd")]
 

@@ -202,6 +202,20 @@ def _input_grad(gu: torch.Tensor, spec: FeatureSpec) -> torch.Tensor:
     return torch.bmm(gu, w)
 
 
+def _key_grad(gu: torch.Tensor, y: torch.Tensor, spec: FeatureSpec, w_ones: torch.Tensor | None) -> torch.Tensor:
+    """∂L/∂y from ∂L/∂u (G, n, M) for keys, whose exp features also carry −‖y‖²/2:
+    gu·W − y·Σ_i gu_i.  The row sums come out of the same GEMM as an extra column of W."""
+    if spec.kind != "exp":
+        return _input_grad(gu, spec)
+    g = torch.matmul(gu, w_ones) if w_ones.dim() == 2 else torch.bmm(gu, w_ones)  # (G, n, d + 1)
+    return torch.addcmul(g[..., :-1], y, g[..., -1:], value=-1.0)
+
+
+def _with_ones_column(w: torch.Tensor | None) -> torch.Tensor | None:
+    """(…, M, d) -> (…, M, d + 1) with a last column of ones (None stays None)."""
+    return None if w is None else torch.nn.functional.pad(w, (0, 1), value=1.0)
+
+
 def _blocks(length: int, rows: int):
     for start in range(0, length, rows):
         yield start, min(start + rows, length)
@@ -298,6 +312,7 @@ class _BidirectionalFavor(torch.autograd.Function):
         gv = torch.empty_like(v) if needs_v else None
         ref = _finite_or_zero(c)
         v1 = _with_ones(v)
+        w_ones = _with_ones_column(weight)
         for s, e in _blocks(y.shape[1], rows):
             yb, vb = y[:, s:e], v1[:, s:e]
             mb = None if mask is None else mask[:, s:e]
@@ -321,10 +336,7 @@ class _BidirectionalFavor(torch.autograd.Function):
             if needs_y or needs_w or needs_b:
                 gu = _activation_grad(torch.bmm(vb, gkv.transpose(1, 2)), pre, phi, spec)
                 if needs_y:
-                    gyb = _input_grad(gu, spec)
-                    if spec.kind == "exp":
-                        gyb = gyb - yb * gu.sum(-1, keepdim=True)
-                    gy[:, s:e] = gyb
+                    gy[:, s:e] = _key_grad(gu, yb, spec, w_ones)
                 gw, gb = _weight_grads(spec, needs_w, needs_b, gu, yb, gw, gb)
         return gx, gy, gv, gw, gb, None, None, None, None, None
 
@@ -340,14 +352,16 @@ class _CausalBlock(NamedTuple):
     psi_k: torch.Tensor  # (G, nc, C, M)
     pre_q: torch.Tensor | None  # relu/elu pre-activations (G, n, M)
     pre_k: torch.Tensor | None
-    E: torch.Tensor  # (G, nc, C, C)  exp(h_j − R_t), 0 for j > t
+    E: torch.Tensor | None  # (G, nc, C, C)  exp(h_j − R_t), 0 for j > t
     w: torch.Tensor  # (G, nc, C)     exp(h_j − r_end[chunk])
     carry: torch.Tensor  # (G, nc, C)  exp(r_before[chunk] − R_t)
     decay: torch.Tensor  # (G, nc)  exp(r_before[n] − r_end[n]) ≤ 1 (0 while no key was present)
     r_last: torch.Tensor  # (G,) running max after the block
 
 
-def _causal_block(xb, yb, spec, mb, C, r_prev) -> _CausalBlock:
+def _causal_block(xb, yb, spec, mb, C, r_prev, with_intra=True) -> _CausalBlock:
+    """Features and stabilisers of one block; E is None without ``with_intra`` (backward reuses
+    the forward's)."""
     G, n, _ = xb.shape
     nc = n // C
     dtype, device = xb.dtype, xb.device
@@ -365,8 +379,10 @@ def _causal_block(xb, yb, spec, mb, C, r_prev) -> _CausalBlock:
     ref = _finite_or_zero(run)
     h4 = h.view(G, nc, 1, C)
     ref4 = ref.view(G, nc, C, 1)
-    future = torch.ones(C, C, dtype=torch.bool, device=device).triu_(1)
-    E = (h4 - ref4).masked_fill_(future, float("-inf")).exp_()  # (G, nc, C, C)
+    E = None
+    if with_intra:
+        future = torch.ones(C, C, dtype=torch.bool, device=device).triu_(1)
+        E = (h4 - ref4).masked_fill_(future, float("-inf")).exp_()  # (G, nc, C, C)
     r_end = run.view(G, nc, C)[..., -1]  # (G, nc)
     ref_end = _finite_or_zero(r_end)
     w = torch.exp(h.view(G, nc, C) - ref_end.unsqueeze(-1))  # (G, nc, C)
@@ -391,46 +407,57 @@ def _block_plan(L: int, C: int, rows: int):
     return plan
 
 
-def _causal_forward(x, y, v, spec, mask, C, rows, kv0, r0):
-    """Returns out (G, L, Dv), den (G, L), states before each block (list of (kv1, r)), final."""
+def _causal_forward(x, y, v, spec, mask, C, rows, kv0, r0, keep=False):
+    """Returns out (G, L, Dv), den (G, L), states before each block (list of (kv1, r)), the final
+    state, and with ``keep`` the masked intra-chunk weights of every block (list of (A, E), each
+    (G, nc, C, C): L·C values per head, which backward would otherwise recompute)."""
     G, L, _ = x.shape
     Dv = v.shape[-1]
     v1 = _with_ones(v)
     out = torch.empty(G, L, Dv, dtype=x.dtype, device=x.device)
     den = torch.empty(G, L, dtype=x.dtype, device=x.device)
     S, r = kv0, r0  # (G, M, V1) relative to finite(r); (G,)
-    saved = []
+    saved, intra = [], []
     for s, e, c in _block_plan(L, C, rows):
         saved.append((S, r))
         mb = None if mask is None else mask[:, s:e]
         blk = _causal_block(x[:, s:e], y[:, s:e], spec, mb, c, r)
         nc = (e - s) // c
-        M = blk.psi_q.shape[-1]
         v4 = v1[:, s:e].view(G, nc, c, Dv + 1)
-        A = torch.matmul(blk.psi_q, blk.psi_k.transpose(-1, -2)).mul_(blk.E)  # (G, nc, C, C)
-        o = torch.matmul(A, v4)  # (G, nc, C, V1)
-        kvc = torch.matmul(blk.psi_k.transpose(-1, -2), v4 * blk.w.unsqueeze(-1))  # (G, nc, M, V1)
-        S_all = _prefix_states(S, kvc, blk.decay)  # (G, nc + 1, M, V1)
-        o += blk.carry.unsqueeze(-1) * torch.matmul(blk.psi_q, S_all[:, :nc])
+        A = _bmm4(blk.psi_q, blk.psi_k.transpose(-1, -2)).mul_(blk.E)  # (G, nc, C, C)
+        if keep:
+            intra.append((A, blk.E))
+        o = _bmm4(A, v4)  # (G, nc, C, V1)
+        kvc = _bmm4(blk.psi_k.transpose(-1, -2), v4 * blk.w.unsqueeze(-1))  # (G, nc, M, V1)
+        S_before, S = _prefix_states(S, kvc, blk.decay)  # (G, nc, M, V1), (G, M, V1)
+        o.addcmul_(blk.carry.unsqueeze(-1), _bmm4(blk.psi_q, S_before))
         o = o.view(G, e - s, Dv + 1)
         den[:, s:e] = o[..., -1]
         torch.div(o[..., :Dv], safe_denominator(o[..., -1]).unsqueeze(-1), out=out[:, s:e])
         out[:, s:e].masked_fill_(vanishing_denominator(o[..., -1]).unsqueeze(-1), 0.0)
-        S, r = S_all[:, nc], blk.r_last
-    return out, den, saved, (S, r)
+        r = blk.r_last
+    return out, den, saved, (S, r), intra
 
 
-def _prefix_states(S0: torch.Tensor, kvc: torch.Tensor, decay: torch.Tensor) -> torch.Tensor:
-    """States before each chunk and after the last: S_0 = S0, S_{n+1} = decay_n·S_n + kvc_n.
+def _bmm4(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(G, nc, p, q) @ (G, nc, q, r) as one bmm over G·nc (transposed views are passed to BLAS
+    as such, not copied)."""
+    G, nc, p, q = a.shape
+    return torch.bmm(a.reshape(G * nc, p, q), b.reshape(G * nc, q, b.shape[-1])).view(G, nc, p, b.shape[-1])
+
+
+def _prefix_states(S0: torch.Tensor, kvc: torch.Tensor, decay: torch.Tensor):
+    """States before each chunk, and after the last: S_0 = S0, S_{n+1} = decay_n·S_n + kvc_n.
 
     S0 (G, M, V1), kvc (G, nc, M, V1) chunk sums relative to finite(r_end[n]), decay (G, nc)
-    -> (G, nc + 1, M, V1), S_n relative to finite(r_before[n])."""
+    -> (G, nc, M, V1) with S_n relative to finite(r_before[n]), and S_nc (G, M, V1)."""
     G, nc = decay.shape
-    S_all = kvc.new_empty(G, nc + 1, *kvc.shape[2:])
-    S_all[:, 0] = S0
+    S_before = torch.empty_like(kvc)
+    S = S0
     for n in range(nc):
-        torch.addcmul(kvc[:, n], S_all[:, n], decay[:, n, None, None], out=S_all[:, n + 1])
-    return S_all
+        S_before[:, n] = S
+        S = torch.addcmul(kvc[:, n], S, decay[:, n, None, None])
+    return S_before, S
 
 
 def _suffix_states(P: torch.Tensor, after: torch.Tensor, decay: torch.Tensor):
@@ -460,10 +487,11 @@ class _CausalFavor(torch.autograd.Function):
         G, M = x.shape[0], _num_features(spec, x.shape[-1])
         kv0 = x.new_zeros(G, M, v.shape[-1] + 1)
         r0 = torch.full((G,), float("-inf") if kind == "exp" else 0.0, dtype=x.dtype, device=x.device)
-        out, den, saved, _ = _causal_forward(x, y, v, spec, mask, chunk, rows, kv0, r0)
+        out, den, saved, _, intra = _causal_forward(x, y, v, spec, mask, chunk, rows, kv0, r0, keep=True)
         states = torch.stack([s for s, _ in saved])  # (nblocks, G, M, V1)
         logs = torch.stack([r for _, r in saved])  # (nblocks, G)
         ctx.save_for_backward(x, y, v, weight, bias, const, mask, out, den, states, logs)
+        ctx.intra = intra  # internal intermediates, never exposed (no in-place check needed)
         ctx.kind, ctx.m, ctx.chunk, ctx.rows = kind, m, chunk, rows
         return out
 
@@ -476,6 +504,7 @@ class _CausalFavor(torch.autograd.Function):
         Dv = v.shape[-1]
         v1 = _with_ones(v)
         g1 = _upstream(gout, out, den)  # (G, L, V1)
+        w_ones = _with_ones_column(weight)
         gx, gy, gv = torch.empty_like(x), torch.empty_like(y), torch.empty_like(v)
         gw = gb = None
         grev = torch.zeros_like(states[0])  # (G, M, V1): Σ over later queries, rel. to block end
@@ -485,37 +514,33 @@ class _CausalFavor(torch.autograd.Function):
             S, r = states[i], logs[i]
             mb = None if mask is None else mask[:, s:e]
             xb, yb = x[:, s:e], y[:, s:e]
-            blk = _causal_block(xb, yb, spec, mb, c, r)
+            blk = _causal_block(xb, yb, spec, mb, c, r, with_intra=False)
+            A, E = ctx.intra[i]
             nc = (e - s) // c
             M = blk.psi_q.shape[-1]
             v4 = v1[:, s:e].view(G, nc, c, Dv + 1)
             g4 = g1[:, s:e].view(G, nc, c, Dv + 1)
             # forward states before each chunk, recomputed
-            kvc = torch.matmul(blk.psi_k.transpose(-1, -2), v4 * blk.w.unsqueeze(-1))
-            S_all = _prefix_states(S, kvc, blk.decay)[:, :nc]
+            wv = v4 * blk.w.unsqueeze(-1)  # (G, nc, C, V1)
+            S_before, _ = _prefix_states(S, _bmm4(blk.psi_k.transpose(-1, -2), wv), blk.decay)
             # reverse states: P_n from this block's queries, plus grev from later blocks
             gc = g4 * blk.carry.unsqueeze(-1)  # (G, nc, C, V1)
-            P = torch.matmul(blk.psi_q.transpose(-1, -2), gc)  # (G, nc, M, V1)
+            P = _bmm4(blk.psi_q.transpose(-1, -2), gc)  # (G, nc, M, V1)
             Gst, grev = _suffix_states(P, grev, blk.decay)
-            Gs = torch.matmul(g4, v4.transpose(-1, -2)).mul_(blk.E)  # (G, nc, C, C)
-            A = torch.matmul(blk.psi_q, blk.psi_k.transpose(-1, -2)).mul_(blk.E)
+            Gs = _bmm4(g4, v4.transpose(-1, -2)).mul_(E)  # (G, nc, C, C)
             # ∂/∂ψ_q, ∂/∂ψ_k, ∂/∂v1
-            gpq = torch.matmul(Gs, blk.psi_k)
-            gpq += torch.matmul(gc, S_all.transpose(-1, -2))
-            wv = v4 * blk.w.unsqueeze(-1)
-            gpk = torch.matmul(Gs.transpose(-1, -2), blk.psi_q)
-            gpk += torch.matmul(wv, Gst.transpose(-1, -2))
-            gv1 = torch.matmul(A.transpose(-1, -2), g4)
-            gv1 += blk.w.unsqueeze(-1) * torch.matmul(blk.psi_k, Gst)
+            gpq = _bmm4(Gs, blk.psi_k)
+            gpq += _bmm4(gc, S_before.transpose(-1, -2))
+            gpk = _bmm4(Gs.transpose(-1, -2), blk.psi_q)
+            gpk += _bmm4(wv, Gst.transpose(-1, -2))
+            gv1 = _bmm4(A.transpose(-1, -2), g4)
+            gv1.addcmul_(blk.w.unsqueeze(-1), _bmm4(blk.psi_k, Gst))
             gv[:, s:e] = gv1.view(G, e - s, Dv + 1)[..., :Dv]
             n = e - s
             guq = _activation_grad(gpq.view(G, n, M), blk.pre_q, blk.psi_q.view(G, n, M), spec)
             guk = _activation_grad(gpk.view(G, n, M), blk.pre_k, blk.psi_k.view(G, n, M), spec)
             gx[:, s:e] = _input_grad(guq, spec)
-            gyb = _input_grad(guk, spec)
-            if spec.kind == "exp":
-                gyb = gyb - yb * guk.sum(-1, keepdim=True)
-            gy[:, s:e] = gyb
+            gy[:, s:e] = _key_grad(guk, yb, spec, w_ones)
             gw, gb = _weight_grads(spec, needs_w, needs_b, guq, xb, gw, gb)
             gw, gb = _weight_grads(spec, needs_w, needs_b, guk, yb, gw, gb)
         return (gx if needs_x else None, gy if needs_y else None, gv if needs_v else None,
@@ -587,7 +612,7 @@ def fused_attention(
             r0 = log0
         if spec.kind != "exp":
             r0 = torch.zeros_like(log0)  # relu/elu states are absolute; log_scale is carried as is
-        out, _, _, (S, r) = _causal_forward(xg, yg, vg, spec, mask, chunk_size, rows_g, kv0, r0)
+        out, _, _, (S, r), _ = _causal_forward(xg, yg, vg, spec, mask, chunk_size, rows_g, kv0, r0)
         if spec.kind != "exp":
             r = log0
     state = None
