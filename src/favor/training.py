@@ -207,6 +207,7 @@ class _StopOnSigint:
 
     def __init__(self) -> None:
         self.requested = False
+        self._installed = False
         self._previous: Any = None
 
     def _handler(self, signum, frame) -> None:
@@ -217,11 +218,14 @@ class _StopOnSigint:
     def __enter__(self) -> "_StopOnSigint":
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGINT, self._handler)
+            self._installed = True
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        if self._installed:
+            # None: the previous handler was not installed from Python; restore the default.
+            signal.signal(signal.SIGINT, signal.default_int_handler if self._previous is None else self._previous)
+            self._installed = False
 
 
 def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
@@ -243,8 +247,8 @@ def truncate_metrics(path: Path, step: int) -> None:
 
 
 def plot_metrics(runs: dict[str, str | Path], png: str | Path, *, unit: str = "byte", title: str = "") -> Path:
-    """Loss curves (bits per ``unit``) of one or more runs: training loss (smoothed, with the raw
-    values faint) and validation points.  ``runs``: label -> metrics.jsonl.  Returns ``png``."""
+    """Loss curves (bits per ``unit``) of one or more runs: training loss (centred moving average,
+    with the raw values faint) and validation points.  ``runs``: label -> metrics.jsonl.  Returns ``png``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -260,12 +264,11 @@ def plot_metrics(runs: dict[str, str | Path], png: str | Path, *, unit: str = "b
         prefix = f"{label}: " if label else ""
         if tr:
             steps, bits = zip(*tr)
-            ema, smooth = bits[0], []
-            for b in bits:
-                ema = 0.95 * ema + 0.05 * b
-                smooth.append(ema)
+            half = max(1, len(bits) // 60)  # centred moving average over 2·half + 1 steps (no lag)
+            smooth = [sum(bits[max(0, i - half):i + half + 1]) / len(bits[max(0, i - half):i + half + 1])
+                      for i in range(len(bits))]
             ax.plot(steps, bits, color=c, alpha=0.15, lw=0.8)
-            ax.plot(steps, smooth, color=c, lw=1.5, label=f"{prefix}train (EMA 0.95)")
+            ax.plot(steps, smooth, color=c, lw=1.5, label=f"{prefix}train (mean of {2 * half + 1} steps)")
         if va:
             steps, bits = zip(*va)
             ax.plot(steps, bits, "o--", color=c, ms=4, label=f"{prefix}validation")
@@ -358,6 +361,7 @@ def train(
             keep=keep_checkpoints,
         )
 
+    wall_start = time.perf_counter()
     val_loss = val_bits = None
     checkpoint: Path | None = None
     interrupted = False
@@ -418,7 +422,8 @@ def train(
         n_params = sum(p.numel() for p in model.parameters())
         (out / "summary.json").write_text(json.dumps({
             "step": step, "interrupted": interrupted, "val_loss": val_loss, f"val_bits_per_{unit}": val_bits,
-            "tokens_per_s": tokens_per_s, "train_seconds": train_time, "parameters": n_params,
+            "tokens_per_s": tokens_per_s, "train_seconds": train_time,
+            "wall_seconds": time.perf_counter() - wall_start, "threads": torch.get_num_threads(), "parameters": n_params,
             "checkpoint": None if checkpoint is None else str(checkpoint),
         }, indent=1) + "\n")
     return TrainResult(step, interrupted, checkpoint, val_loss, val_bits, tokens_per_s,

@@ -181,9 +181,13 @@ def _run(args: argparse.Namespace, dist_ctx: Any) -> int:
             raise CLIError("--resume without a PATH needs --out")
         ckpt = load_checkpoint(resume_path)
         where = str(ckpt.path)
+        if not isinstance(ckpt.config.get("data"), dict) or "fingerprint" not in ckpt.config["data"] \
+                or not isinstance(ckpt.config.get("train"), dict):
+            raise CLIError(f"checkpoint {where} has no training description (config.json 'data'/'train'); "
+                           "it was not written by favor train")
+        stored_source = ckpt.config["data"]["source"]
         _conflicts(model_explicit, ckpt.config["model"], where, set(model_explicit))
         _conflicts(train_explicit, ckpt.config["train"], where, fixed_train)
-        stored_source = ckpt.config["data"]["source"]
         data = args.data if args.data is not None else (None if stored_source == "stdlib" else stored_source)
         if args.data is not None and str(Path(args.data).expanduser().resolve()) != stored_source:
             raise CLIError(f"--data {args.data} conflicts with the checkpoint's data {stored_source!r} ({where})")
