@@ -145,12 +145,15 @@ def init_distributed(backend: str = "auto", *, timeout_s: float = DEFAULT_TIMEOU
     """Join the process group described by torchrun's environment variables.
 
     Without them (a plain ``favor train``) nothing is started and the context is single-process
-    on the CPU.  With them: ``init_process_group(backend, init_method="env://")``; with nccl the
+    on the CPU (``backend`` must then be "auto").  With them: ``init_process_group(backend, init_method="env://")``; with nccl the
     device is ``cuda:LOCAL_RANK`` (made current), with gloo the CPU.  A collective that waits more
     than ``timeout_s`` for another rank fails instead of hanging.
     """
     where = torchrun_env(environ)
     if where is None:
+        if backend != "auto":
+            raise ValueError(f"--backend {backend} applies to processes started by torchrun (or --nproc N), "
+                             "and this one was not")
         return DistContext()
     name = choose_backend(backend)
     if dist.is_initialized():
@@ -158,7 +161,8 @@ def init_distributed(backend: str = "auto", *, timeout_s: float = DEFAULT_TIMEOU
     if name == "nccl":
         if where["local_rank"] >= torch.cuda.device_count():
             raise ValueError(f"LOCAL_RANK={where['local_rank']} but this machine has "
-                             f"{torch.cuda.device_count()} CUDA devices; lower --nproc-per-node")
+                             f"{torch.cuda.device_count()} CUDA devices (nccl: one per process); start fewer "
+                             "processes, or use --backend gloo")
         device = torch.device("cuda", where["local_rank"])
         torch.cuda.set_device(device)
     else:
