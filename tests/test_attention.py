@@ -148,12 +148,22 @@ def test_padding_equals_removal(features, kernel, is_causal):
     out = favor.favor_attention(q, k, v, w, key_padding_mask=mask, **kw)
     for b in range(2):
         keep = mask[b]
-        if is_causal:  # remove the padded positions entirely
-            sub = favor.favor_attention(q[b : b + 1, :, keep], k[b : b + 1, :, keep], v[b : b + 1, :, keep], w, **kw)
-            torch.testing.assert_close(out[b : b + 1, :, keep], sub, rtol=1e-12, atol=1e-12)
-        else:  # remove the padded keys; every query stays
-            sub = favor.favor_attention(q[b : b + 1], k[b : b + 1, :, keep], v[b : b + 1, :, keep], w, **kw)
-            torch.testing.assert_close(out[b : b + 1], sub, rtol=1e-12, atol=1e-12)
+        # self-attention: remove the padded positions entirely (as keys and as queries)
+        sub = favor.favor_attention(q[b : b + 1, :, keep], k[b : b + 1, :, keep], v[b : b + 1, :, keep], w, **kw)
+        torch.testing.assert_close(out[b : b + 1, :, keep], sub, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("features,kernel", KINDS, ids=KIND_IDS)
+def test_cross_attention_padding_equals_key_removal(features, kernel):
+    q, k, v = make_qkv(2, 2, 17, 30, 8, 6, seed=31)
+    w = projection_for(kernel, 16, 8)
+    mask = random_mask(2, 30, seed=32, p=0.4)
+    out = favor.favor_attention(q, k, v, w, features=features, kernel=kernel, key_padding_mask=mask)
+    for b in range(2):
+        keep = mask[b]  # every query stays; the padded keys go
+        sub = favor.favor_attention(q[b : b + 1], k[b : b + 1, :, keep], v[b : b + 1, :, keep], w,
+                                    features=features, kernel=kernel)
+        torch.testing.assert_close(out[b : b + 1], sub, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("is_causal", [False, True], ids=["bidir", "causal"])
@@ -292,3 +302,24 @@ def test_state_of_wrong_shape_is_rejected():
     _, state = favor.favor_attention(q, k, v, w, is_causal=True, return_state=True)
     with pytest.raises(ValueError, match="initial_state.kv has shape"):
         favor.favor_attention(q[:1], k[:1], v[:1], w, is_causal=True, initial_state=state)
+
+
+@pytest.mark.parametrize("is_causal", [False, True], ids=["bidir", "causal"])
+@pytest.mark.parametrize("features,kernel", KINDS, ids=KIND_IDS)
+def test_padded_positions_do_not_leak_into_real_tokens(features, kernel, is_causal):
+    # Self-attention as a model runs it: padded positions are queries too, and their content
+    # (queries included, which FAVOR++'s parameter A is computed from) must not move real outputs.
+    q, k, v = make_qkv(2, 2, 24, 24, 8, 4, seed=30)
+    w = projection_for(kernel, 16, 8)
+    mask = torch.ones(2, 24, dtype=torch.bool)
+    mask[0, 18:] = False  # right padding
+    mask[1, :5] = False  # left padding
+    kw = dict(features=features, kernel=kernel, is_causal=is_causal, key_padding_mask=mask)
+    out = favor.favor_attention(q, k, v, w, **kw)
+    q2, k2, v2 = q.clone(), k.clone(), v.clone()
+    pad = ~mask
+    for t in (q2, k2, v2):
+        t.transpose(1, 2)[pad] = 7.0  # (B, L, H, D) view: overwrite padded positions
+    out2 = favor.favor_attention(q2, k2, v2, w, **kw)
+    real = mask[:, None, :, None].expand_as(out)
+    torch.testing.assert_close(out[real], out2[real], rtol=1e-12, atol=1e-12)

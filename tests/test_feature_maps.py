@@ -73,10 +73,11 @@ def test_oprf_parameter_matches_pairwise_definition():
     x = torch.randn(2, 5, 4, dtype=torch.float64, generator=gen(7))
     y = torch.randn(2, 6, 4, dtype=torch.float64, generator=gen(8))
     mask = torch.tensor([[True, False, True, True, False, True], [True] * 6])
-    a = oprf_parameter(x, y, mask)
+    x_mask = torch.tensor([[True, True, False, True, True], [False, True, True, True, True]])
+    a = oprf_parameter(x, y, mask, x_mask)
     for b in range(2):
-        ys = y[b][mask[b]]
-        rho = ((x[b][:, None, :] + ys[None, :, :]) ** 2).sum(-1).mean() / 4
+        ys, xs = y[b][mask[b]], x[b][x_mask[b]]
+        rho = ((xs[:, None, :] + ys[None, :, :]) ** 2).sum(-1).mean() / 4
         expected = (1 - 2 * rho - torch.sqrt((2 * rho + 1) ** 2 + 8 * rho)) / 16
         torch.testing.assert_close(a[b], expected)
     assert bool((a < 0).all())

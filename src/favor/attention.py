@@ -10,9 +10,9 @@ import math
 
 import torch
 
-from .feature_maps import FEATURES, KERNELS, OPRF_FEATURES, feature_map, oprf_parameter
+from .feature_maps import FEATURES, KERNELS, OPRF_FEATURES, feature_map, num_features, oprf_parameter
 from .fused import FUSED_KINDS, fused_attention, make_spec
-from .linear import DEFAULT_CHUNK_SIZE, FavorState, causal_linear_attention, linear_attention
+from .linear import DEFAULT_CHUNK_SIZE, FavorState, _check_state, causal_linear_attention, linear_attention
 
 __all__ = ["favor_attention", "favor_attention_step"]
 
@@ -92,6 +92,8 @@ def _validate(query, key, value, projection, features, kernel, is_causal, key_pa
                 f"initial_state.kv has shape {tuple(initial_state.kv.shape)}, expected (B, H, M, Dv) "
                 f"with B={B}, H={H}, Dv={value.shape[-1]}"
             )
+        M = D if projection is None else num_features(projection.shape[0], features, kernel)
+        _check_state(initial_state, B, H, M, value.shape[-1])
         if features in OPRF_FEATURES and initial_state.oprf_a is None:
             raise ValueError(f"initial_state has no oprf_a but features={features!r}")
 
@@ -124,12 +126,27 @@ def _causal_oprf_parameter(
     return torch.where(torch.isnan(previous), fresh, previous)
 
 
+def _bidirectional_oprf_parameter(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Bidirectional FAVOR++ parameter A (B, H) from all present (query, key) pairs.
+
+    In self-attention (Lq == Lk) the key padding mask also marks the padded queries, so padding
+    content cannot move A (and with it the outputs of the real tokens).  Any A < 0 keeps the
+    estimator unbiased, so this choice only affects variance.
+    """
+    if mask is None:
+        return oprf_parameter(x, y)
+    x_mask = mask.unsqueeze(1) if x.shape[2] == y.shape[2] else None
+    return oprf_parameter(x, y, mask.unsqueeze(1), x_mask)
+
+
 def _use_fused(features, kernel, tensors, initial_state, return_state) -> bool:
     """The fused kernels (:mod:`favor.fused`) serve every call of a kind they implement, except
     those that need gradients through a :class:`FavorState` (initial_state/return_state with
     autograd): those take the generic path (feature_map + :mod:`favor.linear`)."""
     if (features, kernel) not in FUSED_KINDS:
         return False
+    if tensors[0].shape[2] == 0 or tensors[1].shape[2] == 0:
+        return False  # an empty sequence: nothing to fuse (the generic path returns the empty output)
     if initial_state is None and not return_state:
         return True
     flat = [t for t in tensors if isinstance(t, torch.Tensor)]
@@ -176,12 +193,16 @@ def favor_attention(
 
     Features and states are computed in float32 (float64 for float64 inputs), also under
     autocast.  For ``"oprf"`` and ``"hyperbolic_oprf"`` the FAVOR++ parameter A is taken per
-    (batch, head) from all query/key pairs when bidirectional; when causal, from the first present
+    (batch, head) from all present query/key pairs when bidirectional (with Lq == Lk the key
+    padding mask also marks padded queries); when causal, from the first present
     token (its query and key), so that no output depends on a later token, and it is carried in
     the state.
     """
     if kernel == "softmax" and features is None:
         features = "positive"
+    for name, flag in (("is_causal", is_causal), ("return_state", return_state)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {flag!r}")
     if return_state and not is_causal:
         raise ValueError("return_state needs is_causal=True")
     _validate(query, key, value, projection, features, kernel, is_causal, key_padding_mask,
@@ -202,8 +223,7 @@ def favor_attention(
                 previous = None if initial_state is None else initial_state.oprf_a.to(cdtype)
                 oprf_a = _causal_oprf_parameter(x, y, key_padding_mask, previous)
             else:
-                mask = None if key_padding_mask is None else key_padding_mask.unsqueeze(1)
-                oprf_a = oprf_parameter(x, y, mask)  # (B, H)
+                oprf_a = _bidirectional_oprf_parameter(x, y, key_padding_mask)  # (B, H)
             # NaN only where no key is present (every output there is 0): any finite A will do
             feature_a = torch.nan_to_num(oprf_a, nan=0.0)
         if initial_state is not None:
@@ -253,7 +273,7 @@ def favor_attention_step(
     """One recurrent decoding step: (B, H, 1, D) query/key, (B, H, 1, Dv) value, previous state
     (``None`` at the first token) -> ((B, H, 1, Dv) output, new state).  O(M·Dv) per token,
     independent of how many tokens came before."""
-    if query.dim() == 4 and query.shape[2] != 1:
+    if isinstance(query, torch.Tensor) and query.dim() == 4 and query.shape[2] != 1:
         raise ValueError(f"favor_attention_step takes one token (L=1), got query {tuple(query.shape)}")
     return favor_attention(
         query, key, value, projection, features=features, kernel=kernel, is_causal=True,

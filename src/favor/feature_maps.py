@@ -69,6 +69,9 @@ class Features(NamedTuple):
 
 def num_features(m: int, features: str, kernel: str = "softmax") -> int:
     """Number M of output features for m projections."""
+    if isinstance(m, bool) or not isinstance(m, int) or m <= 0:
+        raise ValueError(f"m must be a positive int, got {m!r}")
+    _check_kind(features, kernel)
     if kernel == "softmax" and features in ("hyperbolic", "trig", "hyperbolic_oprf"):
         return 2 * m
     return m
@@ -79,28 +82,38 @@ def oprf_parameter_from_rho(rho: torch.Tensor) -> torch.Tensor:
     return (1 - 2 * rho - torch.sqrt((2 * rho + 1) ** 2 + 8 * rho)) / 16
 
 
+def _masked_moments(z: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """mean‖z‖² (...) and mean z (..., d) over the rows of z (..., L, d) where mask (..., L) holds."""
+    if mask is None:
+        return z.pow(2).sum(-1).mean(-1), z.mean(-2)
+    w = mask.to(z.dtype)  # (..., L)
+    count = w.sum(-1).clamp_min(1)
+    return (z.pow(2).sum(-1) * w).sum(-1) / count, (z * w.unsqueeze(-1)).sum(-2) / count.unsqueeze(-1)
+
+
 def oprf_parameter(
-    x: torch.Tensor, y: torch.Tensor, y_mask: torch.Tensor | None = None
+    x: torch.Tensor,
+    y: torch.Tensor,
+    y_mask: torch.Tensor | None = None,
+    x_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """A for FAVOR++ from ρ = mean over all pairs (i, j) of ‖x_i + y_j‖² / d.
 
-    x: (..., Lx, d) scaled queries, y: (..., Ly, d) scaled keys, y_mask: (..., Ly) bool (True =
-    key present) or None.  Computed in O(L d) from the means:
+    x: (..., Lx, d) scaled queries, y: (..., Ly, d) scaled keys; y_mask (..., Ly) and x_mask
+    (..., Lx): bool (True = present) or None.  Computed in O(L d) from the means:
     mean‖x_i + y_j‖² = mean‖x‖² + mean‖y‖² + 2 x̄ᵀȳ.  Returns A with shape (...,), detached: A is a
     variance-reduction hyperparameter, the estimator is unbiased for every A < 0.
     """
     x, y = x.detach(), y.detach()
     d = x.shape[-1]
-    x_sq = x.pow(2).sum(-1).mean(-1)  # (...)
-    x_bar = x.mean(-2)  # (..., d)
-    if y_mask is None:
-        y_sq = y.pow(2).sum(-1).mean(-1)
-        y_bar = y.mean(-2)
-    else:
-        w = y_mask.to(y.dtype)  # (..., Ly)
-        count = w.sum(-1).clamp_min(1)
-        y_sq = (y.pow(2).sum(-1) * w).sum(-1) / count
-        y_bar = (y * w.unsqueeze(-1)).sum(-2) / count.unsqueeze(-1)
+    if y.shape[-1] != d:
+        raise ValueError(f"x has {d} features but y has {y.shape[-1]}")
+    if y_mask is not None and (y_mask.dim() > y.dim() - 1 or any(
+            a not in (1, b) for a, b in zip(reversed(y_mask.shape), reversed(y.shape[:-1])))):
+        raise ValueError(f"y_mask must broadcast to {tuple(y.shape[:-1])} (y without its last dim), "
+                         f"got {tuple(y_mask.shape)}")
+    x_sq, x_bar = _masked_moments(x, x_mask)
+    y_sq, y_bar = _masked_moments(y, y_mask)
     rho = (x_sq + y_sq + 2 * (x_bar * y_bar).sum(-1)) / d
     return oprf_parameter_from_rho(rho.clamp_min(0))
 
@@ -110,6 +123,23 @@ def _check_kind(features: str, kernel: str) -> None:
         raise ValueError(f"unknown kernel {kernel!r}; expected one of {KERNELS}")
     if kernel == "softmax" and features not in FEATURES:
         raise ValueError(f"unknown features {features!r}; expected one of {FEATURES}")
+
+
+def _check_inputs(x: object, projection: object) -> None:
+    """x: floating (..., d) tensor; projection: None or a floating (m, d) tensor with m > 0."""
+    if not isinstance(x, torch.Tensor) or x.dim() == 0 or not x.is_floating_point():
+        what = f"dtype {x.dtype}, shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise TypeError(f"x must be a floating-point (..., L, d) tensor, got {what}")
+    if projection is None:
+        return
+    if not isinstance(projection, torch.Tensor) or not projection.is_floating_point():
+        what = projection.dtype if isinstance(projection, torch.Tensor) else type(projection).__name__
+        raise TypeError(f"projection must be a floating-point tensor or None, got {what}")
+    if projection.dim() != 2 or projection.shape[0] == 0 or projection.shape[1] != x.shape[-1]:
+        raise ValueError(
+            f"projection must have shape (m, {x.shape[-1]}) with m > 0 to match x's last dim, "
+            f"got {tuple(projection.shape)}"
+        )
 
 
 def _oprf_logits(
@@ -145,6 +175,7 @@ def feature_map(
     Computation happens in ``x``'s dtype; callers pass float32 or float64.
     """
     _check_kind(features, kernel)
+    _check_inputs(x, projection)
     if kernel != "softmax":
         wx = x if projection is None else x @ projection.T  # (..., L, m)
         m = wx.shape[-1]

@@ -71,7 +71,8 @@ def explicit_attention_matrix(
             oprf_a = oprf_parameter(x[rows, :, first].unsqueeze(2), y[rows, :, first].unsqueeze(2))
         else:
             mask = None if key_padding_mask is None else key_padding_mask.unsqueeze(1)
-            oprf_a = oprf_parameter(x, y, mask)
+            x_mask = mask if mask is not None and x.shape[2] == y.shape[2] else None
+            oprf_a = oprf_parameter(x, y, mask, x_mask)
     phi_q = random_features(x, projection, features, kernel=kernel, oprf_a=oprf_a)  # (B, H, Lq, M)
     phi_k = random_features(y, projection, features, kernel=kernel, oprf_a=oprf_a)  # (B, H, Lk, M)
     a = phi_q @ phi_k.transpose(-1, -2)  # (B, H, Lq, Lk)
