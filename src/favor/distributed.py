@@ -78,8 +78,9 @@ BACKENDS = ("auto", "gloo", "nccl")
 DEFAULT_TIMEOUT_S = 600
 
 
-class RankMismatchError(RuntimeError):
-    """Ranks hold what must be identical on all of them (FAVOR projections, parameters, data)."""
+class RankMismatchError(ValueError):
+    """Ranks hold what must be identical on all of them (FAVOR projections, parameters, data).
+    A ValueError, so that ``favor train`` reports it as one line on each rank and exits with 2."""
 
 
 @dataclass(frozen=True)
