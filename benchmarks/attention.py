@@ -20,11 +20,12 @@ Methods:
 Peers are optional extras: a method whose package is missing is reported "unavailable".
 
 Measurements (full mode):
-  time    median wall time over repeated runs (at least --min-repeats, more while the case's
-          time budget allows), after one warm-up run at the same size.  One process per
-          (method, direction, mode) runs its L sweep in increasing order; the next L is
-          skipped when the run time extrapolated from the last two sizes would exceed
-          --budget / --min-repeats seconds.
+  time    median wall time over repeated runs (at least --min-repeats, up to 15 while they
+          total under 2 s), after a warm-up run at the same size when one run is predicted
+          to take under 2 s.  One process per (method, direction, mode) runs its L sweep in
+          increasing order; the next L is skipped when the run time extrapolated from the last
+          two sizes, times --min-repeats, would exceed --budget seconds, or would end after
+          --max-minutes of the whole run.
   memory  peak extra resident memory, one fresh process per case, started with
           MALLOC_MMAP_THRESHOLD_=65536 so that glibc returns freed blocks and RSS tracks live
           data: after inputs are built and a small warm-up ran, the kernel's peak-RSS counter is
@@ -59,7 +60,8 @@ B, H, D, DV, M = 1, 8, 64, 64, 256
 THREADS = 2
 DIRECTIONS = ("bidirectional", "causal")
 MODES = ("fwd", "fwd+bwd")
-METHODS = ("favor", "favor-generic", "sdpa", "performer-pytorch", "performer-pytorch+ft", "fast-transformers")
+# in the order they run (the targets' methods first; the run may stop at --max-minutes)
+METHODS = ("favor", "sdpa", "fast-transformers", "performer-pytorch", "performer-pytorch+ft", "favor-generic")
 FULL_LENGTHS = tuple(2 ** p for p in range(9, 16))  # 512 … 32768
 QUICK_LENGTHS = (128, 256)
 
@@ -223,10 +225,13 @@ def memory_in_fresh_process(method, direction, mode, L) -> float:
 # timing
 
 
-def time_case(go, min_repeats: int, budget: float) -> list[float]:
-    go()  # warm-up at this size
+def time_case(go, min_repeats: int, warm: bool, fill: float = 2.0) -> list[float]:
+    """Run times of ``go``: one warm-up when ``warm``, then at least ``min_repeats`` runs and more
+    (up to 15) while their total stays under ``fill`` seconds."""
+    if warm:
+        go()
     times: list[float] = []
-    while len(times) < min_repeats or (sum(times) < budget / 4 and len(times) < 15):
+    while len(times) < min_repeats or (sum(times) < fill and len(times) < 15):
         t0 = time.perf_counter()
         go()
         times.append(time.perf_counter() - t0)
@@ -248,13 +253,17 @@ def sweep_worker(spec: str) -> None:
             predicted = prev[-1] * 4.0
         else:
             predicted = 0.0
-        if predicted * (c["min_repeats"] + 1) > c["budget"]:
+        if predicted * c["min_repeats"] > c["budget"]:
             row["status"] = f"skipped: predicted {predicted:.1f} s per run exceeds the budget"
+        elif time.time() + predicted * c["min_repeats"] > c["deadline"]:
+            row["status"] = "skipped: the run's --max-minutes was reached"
+        if "status" in row:
             results.append(row)
             prev.append(predicted)
             continue
         go = runner(fn, c["mode"], *make_inputs(L, c["mode"] == "fwd+bwd"))
-        times = time_case(go, c["min_repeats"], c["budget"])
+        # warm up at this size unless a run is long (then first-call costs are negligible)
+        times = time_case(go, c["min_repeats"], warm=predicted < 2.0)
         med = statistics.median(times)
         prev.append(med)
         f = flops(c["method"], causal, c["mode"], L)
@@ -339,7 +348,10 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="small smoke sweep in one process")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--lengths", nargs="+", type=int, help="override the L sweep")
-    p.add_argument("--budget", type=float, default=60.0, help="seconds per case (full mode)")
+    p.add_argument("--budget", type=float, default=45.0,
+                   help="full mode: skip a case whose min-repeats runs would take longer (seconds)")
+    p.add_argument("--max-minutes", type=float, default=22.0,
+                   help="full mode: skip what would end after this many minutes (whole run)")
     p.add_argument("--min-repeats", type=int, default=3)
     p.add_argument("--decode-steps", type=int, default=64)
     p.add_argument("--sweep-worker", help=argparse.SUPPRESS)
@@ -353,6 +365,7 @@ def main(argv=None) -> int:
         return 0
 
     torch.set_num_threads(THREADS)
+    deadline = time.time() + 60 * args.max_minutes
     methods = [m for m in args.methods if available(m)]
     lengths = args.lengths or (QUICK_LENGTHS if args.quick else FULL_LENGTHS)
     result = {
@@ -372,7 +385,7 @@ def main(argv=None) -> int:
             fn = build(c["method"], c["direction"] == "causal")
             for L in lengths:
                 go = runner(fn, c["mode"], *make_inputs(L, c["mode"] == "fwd+bwd"))
-                times = time_case(go, 2, 0.0)
+                times = time_case(go, 2, warm=True, fill=0.0)
                 med = statistics.median(times)
                 f = flops(c["method"], c["direction"] == "causal", c["mode"], L)
                 mem = measure_memory(c["method"], c["direction"], c["mode"], L)
@@ -380,12 +393,15 @@ def main(argv=None) -> int:
                                         "L": L, "status": "ok", "median_s": med, "times_s": times,
                                         "gflop": f / 1e9, "gflops": f / med / 1e9, "peak_extra_mib": mem})
             continue
-        spec = json.dumps(dict(c, budget=args.budget, min_repeats=args.min_repeats))
+        spec = json.dumps(dict(c, budget=args.budget, min_repeats=args.min_repeats, deadline=deadline))
         res = subprocess.run([sys.executable, __file__, "--sweep-worker", spec], capture_output=True,
                              text=True, check=True)
         sys.stderr.write(res.stderr)
         for row in json.loads(res.stdout.strip().splitlines()[-1]):
-            if row["status"] == "ok":
+            if row["status"] == "ok" and time.time() + 2 * row["median_s"] + 5 > deadline:
+                row["peak_extra_mib"] = float("nan")
+                row["memory_status"] = "skipped: the run's --max-minutes was reached"
+            elif row["status"] == "ok":
                 row["peak_extra_mib"] = memory_in_fresh_process(row["method"], row["direction"],
                                                                 row["mode"], row["L"])
             result["cases"].append(row)

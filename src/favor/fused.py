@@ -488,8 +488,8 @@ class _CausalFavor(torch.autograd.Function):
         kv0 = x.new_zeros(G, M, v.shape[-1] + 1)
         r0 = torch.full((G,), float("-inf") if kind == "exp" else 0.0, dtype=x.dtype, device=x.device)
         out, den, saved, _, intra = _causal_forward(x, y, v, spec, mask, chunk, rows, kv0, r0, keep=True)
-        states = torch.stack([s for s, _ in saved])  # (nblocks, G, M, V1)
-        logs = torch.stack([r for _, r in saved])  # (nblocks, G)
+        states = torch.stack([s for s, _ in saved]) if saved else kv0[:0]  # (nblocks, G, M, V1)
+        logs = torch.stack([r for _, r in saved]) if saved else r0[:0]  # (nblocks, G)
         ctx.save_for_backward(x, y, v, weight, bias, const, mask, out, den, states, logs)
         ctx.intra = intra  # internal intermediates, never exposed (no in-place check needed)
         ctx.kind, ctx.m, ctx.chunk, ctx.rows = kind, m, chunk, rows
@@ -507,7 +507,7 @@ class _CausalFavor(torch.autograd.Function):
         w_ones = _with_ones_column(weight)
         gx, gy, gv = torch.empty_like(x), torch.empty_like(y), torch.empty_like(v)
         gw = gb = None
-        grev = torch.zeros_like(states[0])  # (G, M, V1): Σ over later queries, rel. to block end
+        grev = x.new_zeros(G, _num_features(spec, x.shape[-1]), Dv + 1)  # Σ over later queries, rel. to block end
         plan = _block_plan(L, ctx.chunk, ctx.rows)
         for i in range(len(plan) - 1, -1, -1):
             s, e, c = plan[i]
