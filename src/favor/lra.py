@@ -48,6 +48,7 @@ __all__ = [
     "listops_config",
     "lr_at",
     "plot_listops",
+    "predict",
     "stored_config",
     "train_listops",
 ]
@@ -333,6 +334,18 @@ def _save(run_dir: Path, model: nn.Module, opt: torch.optim.Optimizer, step: int
                     state={"history": history, "train_seconds": train_seconds})
 
 
+def _config_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> str:
+    """'name: old -> new' for every differing field except steps, nested dicts as 'data.x'."""
+    out = []
+    for k in old:
+        if isinstance(old[k], dict) and isinstance(new.get(k), dict):
+            sub = _config_diff(old[k], new[k], f"{prefix}{k}.")
+            out += [sub] if sub else []
+        elif k != "steps" and old[k] != new.get(k):
+            out.append(f"{prefix}{k}: {old[k]!r} -> {new.get(k)!r}")
+    return ", ".join(out)
+
+
 def train_listops(
     cfg: ListOpsConfig,
     run_dir: str | Path,
@@ -369,9 +382,13 @@ def train_listops(
     step, history, train_seconds = 0, [], 0.0
     if has_checkpoint:
         ck = load_checkpoint(run_dir)
+        if not isinstance(ck.config.get("listops"), dict):
+            raise ValueError(f"checkpoint {str(ck.path)!r} has no ListOps configuration; it was not written by "
+                             "favor lra listops")
         saved = ListOpsConfig.from_dict(ck.config["listops"])
         if saved.replace(steps=cfg.steps) != cfg:
-            raise ValueError(f"{ck.path} was written with a different configuration:\n  {saved}\nnot\n  {cfg}")
+            raise ValueError(f"{ck.path} was written with a different configuration "
+                             f"({_config_diff(saved.to_dict(), cfg.to_dict())}); only steps may change on resume")
         load_weights(model, ck)
         opt.load_state_dict(ck.optimizer_state_dict())
         restore_rng_state(ck)
@@ -430,6 +447,32 @@ def train_listops(
     return result
 
 
+@torch.no_grad()
+def predict(run_dir: str | Path, split: str = "test", *, attention: str | None = None,
+            data_cache: str | Path | None = None, batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Predictions of the latest checkpoint in ``run_dir`` on one split of its data.
+
+    ``attention``: evaluate the same weights with another attention kind ("favor" or "softmax"),
+    e.g. to see whether a FAVOR-trained model depends on the approximation.
+    Returns (predictions (N,), labels (N,)) as int64.
+    """
+    ck = load_checkpoint(run_dir, optimizer=False)
+    cfg = ListOpsConfig.from_dict(ck.config["listops"])
+    splits = load_data(cfg.data, data_cache)
+    if split not in splits:
+        raise ValueError(f"unknown split {split!r}; expected one of {tuple(splits)}")
+    data = splits[split]
+    model_cfg = cfg.model if attention is None else cfg.model.replace(attention=attention)
+    model = PerformerClassifier(model_cfg, num_classes=10, pooling="mean" if cfg.pooling == "mean" else "cls")
+    load_weights(model, ck, strict_buffers=attention is None or attention == cfg.model.attention)
+    model.eval()
+    out = torch.empty(len(data), dtype=torch.long)
+    for idx in torch.arange(len(data)).split(batch_size):
+        ids, mask, _ = data.batch(idx, cls=cfg.pooling == "cls")
+        out[idx] = model(ids, key_padding_mask=mask).argmax(-1)
+    return out, data.labels.clone()
+
+
 def listops_config(preset: str = "cpu", *, data: dict[str, Any] | None = None, model: dict[str, Any] | None = None,
                    **changes: Any) -> ListOpsConfig:
     """A preset (:data:`PRESETS`) with changes to its data, model and training fields.
@@ -452,7 +495,11 @@ def stored_config(run_dir: str | Path) -> ListOpsConfig | None:
     """The configuration of the latest checkpoint in ``run_dir``, or None when there is none."""
     if not (Path(run_dir) / "LATEST").exists():
         return None
-    return ListOpsConfig.from_dict(load_checkpoint(run_dir, optimizer=False).config["listops"])
+    ck = load_checkpoint(run_dir, optimizer=False)
+    if not isinstance(ck.config.get("listops"), dict):
+        raise ValueError(f"checkpoint {str(ck.path)!r} has no ListOps configuration; it was not written by "
+                         "favor lra listops")
+    return ListOpsConfig.from_dict(ck.config["listops"])
 
 
 def plot_listops(run_dirs: list[str | Path], out: str | Path, *, labels: list[str] | None = None,
@@ -474,13 +521,18 @@ def plot_listops(run_dirs: list[str | Path], out: str | Path, *, labels: list[st
         path = Path(run) / METRICS
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist (the run has not finished)")
-        m = json.loads(path.read_text())
-        res, c = m["result"], m["config"]
+        try:
+            m = json.loads(path.read_text())
+            res, c = m["result"], m["config"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+            raise ValueError(f"{path} is not a ListOps metrics.json (no 'result'/'config'): {exc!r}") from None
         name = labels[i] if labels else (f"{c['model']['attention']}"
                                           + (f" {c['model']['features'] or 'positive'}" if c["model"]["attention"] == "favor" else ""))
         steps = [h["step"] for h in res["history"]]
         acc = [100 * h["val_accuracy"] for h in res["history"]]
-        ax.plot(steps, acc, marker="o", ms=3, label=f"{name} (test {100 * res['test_accuracy']:.1f}%)")
+        # distinct styles, so that runs with equal curves stay visible on top of each other
+        ax.plot(steps, acc, marker="os^D"[i % 4], ms=7 - 1.5 * (i % 4), ls=("-", "--", "-.", ":")[i % 4],
+                lw=2.5 - 0.6 * (i % 4), label=f"{name} (test {100 * res['test_accuracy']:.1f}%)")
         majority = res["majority_accuracy"]
     if majority is not None:
         ax.axhline(100 * majority, color="gray", ls=":", label=f"majority class ({100 * majority:.1f}%)")
