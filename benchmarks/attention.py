@@ -63,7 +63,7 @@ MODES = ("fwd", "fwd+bwd")
 # in the order they run (the targets' methods first; the run may stop at --max-minutes)
 METHODS = ("favor", "sdpa", "fast-transformers", "performer-pytorch", "performer-pytorch+ft", "favor-generic")
 FULL_LENGTHS = tuple(2 ** p for p in range(9, 16))  # 512 … 32768
-QUICK_LENGTHS = (128, 256)
+QUICK_LENGTHS = (64, 128)
 
 
 def cases(methods, lengths):
@@ -408,8 +408,8 @@ def main(argv=None) -> int:
     for row in result["cases"]:
         if row["status"] == "ok":
             row["fraction_of_matmul"] = row["gflops"] / result["matmul_gflops"]
-    contexts = (64, 128) if args.quick else (1024, 4096, 16384)
-    result["decoding"] = decoding(contexts, 8 if args.quick else args.decode_steps)
+    contexts = (16, 32) if args.quick else (1024, 4096, 16384)
+    result["decoding"] = decoding(contexts, 5 if args.quick else args.decode_steps)
     text = json.dumps(result, indent=1)
     if args.json:
         with open(args.json, "w") as f:

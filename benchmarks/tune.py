@@ -1,0 +1,80 @@
+"""Choose the fused kernels' block size (favor.fused.BLOCK_ROWS) and the causal chunk size by
+measurement: median wall time of favor_attention, fwd and fwd+bwd, for each setting; JSON out.
+
+    python benchmarks/tune.py --L 4096 --json tune.json
+
+Same shapes and threads as benchmarks/attention.py (B=1, H=8, d=Dv=64, M=256, float32, 2 threads).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+import favor
+from favor import fused
+
+B, H, D, DV, M = 1, 8, 64, 64, 256
+
+
+def median_time(fn, repeats: int) -> float:
+    fn()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--L", type=int, default=4096)
+    p.add_argument("--rows", type=int, nargs="+", default=[256, 512, 1024])
+    p.add_argument("--chunks", type=int, nargs="+", default=[32, 64, 128])
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", help="write the rows here")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    g = torch.Generator().manual_seed(0)
+    w = favor.gaussian_orthogonal_matrix(M, D, generator=g)
+    q, k, v, up = (torch.randn(B, H, args.L, D, generator=g) for _ in range(4))
+    qg, kg, vg = (t.clone().requires_grad_(True) for t in (q, k, v))
+    rows = []
+    default_rows = fused.BLOCK_ROWS
+    try:
+        for causal in (False, True):
+            for block, chunk in itertools.product(args.rows, args.chunks if causal else [args.chunks[0]]):
+                fused.BLOCK_ROWS = block
+
+                def fwd():
+                    with torch.no_grad():
+                        favor.favor_attention(q, k, v, w, is_causal=causal, chunk_size=chunk)
+
+                def fwd_bwd():
+                    favor.favor_attention(qg, kg, vg, w, is_causal=causal, chunk_size=chunk).backward(up)
+
+                row = {"causal": causal, "rows": block, "chunk": chunk if causal else None,
+                       "fwd_s": median_time(fwd, args.repeats), "fwd_bwd_s": median_time(fwd_bwd, args.repeats)}
+                rows.append(row)
+                print(f"causal={causal!s:5} rows={block:5d} chunk={chunk if causal else '-':>4} "
+                      f"fwd {1e3 * row['fwd_s']:7.1f} ms  fwd+bwd {1e3 * row['fwd_bwd_s']:7.1f} ms",
+                      file=sys.stderr, flush=True)
+    finally:
+        fused.BLOCK_ROWS = default_rows
+    result = {"L": args.L, "threads": args.threads, "rows": rows}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
