@@ -145,8 +145,6 @@ def _use_fused(features, kernel, tensors, initial_state, return_state) -> bool:
     autograd): those take the generic path (feature_map + :mod:`favor.linear`)."""
     if (features, kernel) not in FUSED_KINDS:
         return False
-    if tensors[0].shape[2] == 0 or tensors[1].shape[2] == 0:
-        return False  # an empty sequence: nothing to fuse (the generic path returns the empty output)
     if initial_state is None and not return_state:
         return True
     flat = [t for t in tensors if isinstance(t, torch.Tensor)]

@@ -320,7 +320,10 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
     if (p / MANIFEST).exists():
         return p
     if (p / LATEST).is_file():
-        name = (p / LATEST).read_text().strip()
+        try:
+            name = (p / LATEST).read_text().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"cannot read {str(p / LATEST)!r} (expected a checkpoint folder name): {exc}") from None
         target = p / name
         if not name or "/" in name or not target.is_dir():
             raise CheckpointError(f"{str(p / LATEST)!r} names {name!r}, which is not a checkpoint folder in {str(p)!r}")

@@ -82,6 +82,21 @@ def _key_weights(k_log_scale: torch.Tensor | None, shift: torch.Tensor) -> torch
     return torch.exp(k_log_scale - shift.unsqueeze(-1))
 
 
+def _check_inputs(q_feat, k_feat, value, k_log_scale) -> None:
+    """Shapes as documented on the kernels: (B, H, Lq, M), (B, H, Lk, M), (B, H, Lk, Dv), (B, H, Lk)."""
+    for name, t in (("q_feat", q_feat), ("k_feat", k_feat), ("value", value)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be a (B, H, L, ·) tensor, got {shape}")
+    B, H, Lk, M = k_feat.shape
+    if q_feat.shape[:2] != (B, H) or q_feat.shape[-1] != M:
+        raise ValueError(f"q_feat {tuple(q_feat.shape)} and k_feat {tuple(k_feat.shape)} must agree in B, H and M")
+    if value.shape[:3] != (B, H, Lk):
+        raise ValueError(f"value must have shape ({B}, {H}, {Lk}, Dv) to match k_feat, got {tuple(value.shape)}")
+    if k_log_scale is not None and tuple(k_log_scale.shape) != (B, H, Lk):
+        raise ValueError(f"k_log_scale must have shape ({B}, {H}, {Lk}), got {tuple(k_log_scale.shape)}")
+
+
 def linear_attention(
     q_feat: torch.Tensor,
     k_feat: torch.Tensor,
@@ -93,7 +108,8 @@ def linear_attention(
     q_feat (B, H, Lq, M), k_feat (B, H, Lk, M), value (B, H, Lk, Dv),
     k_log_scale (B, H, Lk) or None  ->  (B, H, Lq, Dv).
     """
-    if k_log_scale is not None:
+    _check_inputs(q_feat, k_feat, value, k_log_scale)
+    if k_log_scale is not None and k_log_scale.shape[-1] > 0:  # no keys: nothing to weigh
         shift = _finite_or_zero(k_log_scale.detach().amax(-1))  # (B, H)
         w = _key_weights(k_log_scale, shift)  # (B, H, Lk)
         k_feat = k_feat * w.unsqueeze(-1)
@@ -117,6 +133,17 @@ def empty_state(
     )
 
 
+def _check_state(state: FavorState, B: int, H: int, M: int, Dv: int) -> None:
+    """ValueError unless state.kv is (B, H, M, Dv), k_sum (B, H, M) and log_scale (B, H)."""
+    expected = {"kv": (B, H, M, Dv), "k_sum": (B, H, M), "log_scale": (B, H)}
+    for name, shape in expected.items():
+        t = getattr(state, name)
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"initial_state.{name} must have shape {shape} (B, H, M, Dv = {B}, {H}, {M}, {Dv}), "
+                             f"got {got}")
+
+
 def causal_linear_attention(
     q_feat: torch.Tensor,
     k_feat: torch.Tensor,
@@ -133,8 +160,17 @@ def causal_linear_attention(
     state (:class:`FavorState`) carries Σ φ(k)vᵀ and Σ φ(k).  Memory is O(L·(M + Dv) + C² + M·Dv);
     no L×M×Dv tensor is formed.  Returns (out (B, H, L, Dv), final state).
     """
+    _check_inputs(q_feat, k_feat, value, k_log_scale)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     B, H, L, M = q_feat.shape
     Dv = value.shape[-1]
+    if q_feat.shape[2] != k_feat.shape[2]:
+        raise ValueError(f"causal attention needs equal query and key lengths, got {L} and {k_feat.shape[2]}")
+    if initial_state is not None:
+        if not isinstance(initial_state, FavorState):
+            raise TypeError(f"initial_state must be a FavorState or None, got {type(initial_state).__name__}")
+        _check_state(initial_state, B, H, M, Dv)
     state = initial_state or empty_state(B, H, M, Dv, dtype=q_feat.dtype, device=q_feat.device)
     kv, k_sum, log_scale = state.kv, state.k_sum, state.log_scale
     outs = []

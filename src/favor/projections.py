@@ -46,6 +46,8 @@ def _check_sizes(m: int, d: int) -> None:
 
 
 def _generator_device(generator: torch.Generator | None) -> torch.device:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     return generator.device if generator is not None else torch.device("cpu")
 
 
@@ -62,6 +64,8 @@ def _row_norms(
 
 
 def _finish(w: torch.Tensor, device, dtype) -> torch.Tensor:
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
     return w.to(device=device if device is not None else w.device, dtype=dtype or torch.get_default_dtype())
 
 
@@ -114,8 +118,10 @@ def hadamard_transform(x: torch.Tensor) -> torch.Tensor:
 
     O(n log n) per vector; ``hadamard_transform(hadamard_transform(x)) == x``.
     """
+    if not isinstance(x, torch.Tensor) or x.dim() == 0:
+        raise TypeError(f"hadamard_transform takes a tensor with at least 1 dim, got {getattr(x, 'shape', type(x).__name__)}")
     n = x.shape[-1]
-    if n & (n - 1) != 0:
+    if n == 0 or n & (n - 1) != 0:
         raise ValueError(f"hadamard_transform needs a power-of-two last dimension, got {n}")
     lead = x.shape[:-1]
     y = x.reshape(-1, n)

@@ -97,8 +97,11 @@ class TrainConfig:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.weight_decay < 0 or self.grad_clip < 0:
-            raise ValueError(f"weight_decay and grad_clip must be >= 0, got {self.weight_decay}, {self.grad_clip}")
+        if not (self.weight_decay >= 0 and self.grad_clip >= 0 and math.isfinite(self.weight_decay)
+                and math.isfinite(self.grad_clip)):
+            raise ValueError(f"weight_decay and grad_clip must be finite and >= 0, got {self.weight_decay}, {self.grad_clip}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 1 << 63:
+            raise ValueError(f"seed must be an int in [0, 2**63), got {self.seed!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -3,7 +3,7 @@
     def register(subparsers) -> None   # adds its sub-parser and sets ``func`` (args -> int exit code)
 
 Commands are discovered from the modules present here, so adding a command touches no other file.
-Errors meant for the user are raised as :class:`CLIError` (or ValueError/TypeError/FileNotFoundError
+Errors meant for the user are raised as :class:`CLIError` (or ValueError/TypeError/OSError
 from the library) and printed as one line without a traceback; the exit status is then 2.
 """
 
@@ -40,6 +40,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (CLIError, ValueError, TypeError, FileNotFoundError, NotADirectoryError) as exc:
+    except (CLIError, ValueError, TypeError, OSError) as exc:  # OSError: missing/unwritable paths
         print(f"favor {args.command}: error: {exc}", file=sys.stderr)
         return 2

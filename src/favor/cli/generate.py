@@ -48,6 +48,8 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
     if args.top_k is not None and args.top_k < 1:
         raise CLIError(f"--top-k must be >= 1, got {args.top_k}")
+    if not 0 <= args.seed < 1 << 63:
+        raise CLIError(f"--seed must be in [0, 2**63), got {args.seed}")
     if args.threads is not None:
         if args.threads < 1:
             raise CLIError(f"--threads must be >= 1, got {args.threads}")

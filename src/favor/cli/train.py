@@ -225,6 +225,10 @@ def _run(args: argparse.Namespace, dist_ctx: Any) -> int:
     if train_cfg.seq_len > model_cfg.max_len:
         raise CLIError(f"--seq-len {train_cfg.seq_len} exceeds the model's max_len {model_cfg.max_len}; "
                        "raise --max-len")
+    for what, tokens in (("training", corpus.train), ("validation", corpus.val)):
+        if len(tokens) < train_cfg.seq_len + 1:  # checked before anything is printed or built
+            raise CLIError(f"the {what} split of {corpus.source} has {len(tokens)} tokens, fewer than "
+                           f"--seq-len + 1 = {train_cfg.seq_len + 1}; use more data or a shorter --seq-len")
     torch.manual_seed(train_cfg.seed)
     model = PerformerLM(model_cfg).to(dist_ctx.device)
     optimizer = make_optimizer(model, train_cfg)

@@ -122,6 +122,8 @@ class _ProteinStreamDecoder(StreamDecoder):
         self._tok = tok
 
     def feed(self, token: int) -> str:
+        if not 0 <= token < self._tok.vocab_size:
+            raise ValueError(f"token id {token} is outside the protein vocabulary [0, {self._tok.vocab_size})")
         if token == self._tok.eos:
             return "\n"
         if token < len(self._tok.SPECIALS):
@@ -337,8 +339,8 @@ def load_corpus(path: str | os.PathLike | None = None, *, val_percent: float = D
     """``None`` -> :func:`stdlib_corpus`; a text file, a folder of text files, a FASTA file or a
     folder of FASTA files -> their corpus (see the module docstring).  Raises FileNotFoundError for
     a missing path and ValueError (naming the file) for empty, binary or malformed data."""
-    if not 0 < val_percent < 100:
-        raise ValueError(f"val_percent must be in (0, 100), got {val_percent}")
+    if isinstance(val_percent, bool) or not isinstance(val_percent, (int, float)) or not 0 < val_percent < 100:
+        raise ValueError(f"val_percent must be a number in (0, 100), got {val_percent!r}")
     if path is None:
         return stdlib_corpus(val_percent=val_percent)
     p = Path(path).expanduser().resolve()
@@ -383,8 +385,11 @@ def _windows(tokens: torch.Tensor, starts: torch.Tensor, seq_len: int) -> tuple[
 
 
 def _check_length(tokens: torch.Tensor, seq_len: int, what: str) -> None:
-    if seq_len < 1:
-        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 1:
+        shape = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+        raise ValueError(f"the {what} tokens must be a 1-D tensor (a token stream), got {shape}")
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
+        raise ValueError(f"seq_len must be an int >= 1, got {seq_len!r}")
     if len(tokens) < seq_len + 1:
         raise ValueError(
             f"the {what} split has {len(tokens)} tokens, fewer than seq_len + 1 = {seq_len + 1}; "
@@ -413,7 +418,8 @@ def get_batch(
         inputs, targets: (b, seq_len) long, targets shifted by one.
     """
     _check_length(tokens, seq_len, "training")
-    if batch_size < 1 or world_size < 1 or batch_size % world_size:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1 or world_size < 1 \
+            or batch_size % world_size:
         raise ValueError(f"batch_size={batch_size} must be a positive multiple of world_size={world_size}")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")

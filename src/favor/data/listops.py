@@ -27,6 +27,7 @@ Token ids: see :data:`VOCAB` (``<pad>`` = 0, ``<cls>`` = 1, digits, operators, `
 from __future__ import annotations
 
 import random
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -204,6 +205,10 @@ class ListOpsSplit:
         Returns ids (B, L) int64, key_padding_mask (B, L) bool (True = real token), labels (B,).
         """
         idx = torch.as_tensor(indices, dtype=torch.long)
+        if idx.dim() != 1 or idx.numel() == 0:
+            raise ValueError(f"batch needs a non-empty 1-D list of example indices, got shape {tuple(idx.shape)}")
+        if int(idx.min()) < 0 or int(idx.max()) >= len(self):
+            raise ValueError(f"example indices must lie in [0, {len(self)}), got {idx.tolist()[:8]}")
         lens = self.lengths[idx] + int(cls)
         L = int(lens.max())
         ids = torch.full((len(idx), L), PAD_ID, dtype=torch.long)
@@ -305,11 +310,19 @@ def save_splits(splits: dict[str, ListOpsSplit], path: str | Path) -> None:
 
 
 def load_splits(path: str | Path) -> dict[str, ListOpsSplit]:
-    """Read splits written by :func:`save_splits`."""
-    with np.load(Path(path)) as z:
-        names = sorted({k.rsplit("_", 1)[0] for k in z.files})
-        return {
-            n: ListOpsSplit(torch.from_numpy(z[f"{n}_tokens"]), torch.from_numpy(z[f"{n}_offsets"]),
-                            torch.from_numpy(z[f"{n}_labels"]))
-            for n in names
-        }
+    """Read splits written by :func:`save_splits`.  A file that is not such an ``.npz`` raises
+    ValueError naming it (delete it and the splits are generated again)."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            names = sorted({k.rsplit("_", 1)[0] for k in z.files})
+            return {
+                n: ListOpsSplit(torch.from_numpy(z[f"{n}_tokens"]), torch.from_numpy(z[f"{n}_offsets"]),
+                                torch.from_numpy(z[f"{n}_labels"]))
+                for n in names
+            }
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, KeyError, AttributeError, zipfile.BadZipFile) as exc:
+        raise ValueError(f"{str(path)!r} is not a ListOps splits file written by save_splits "
+                         f"(delete it to regenerate): {exc}") from None

@@ -94,6 +94,12 @@ class _Backbone(nn.Module):
             raise ValueError(f"idx must be a (B, L) tensor of token ids, got {shape}")
         if idx.dtype not in (torch.long, torch.int32):
             raise TypeError(f"idx must be an integer (torch.long) tensor, got {idx.dtype}")
+        # (skipped while compiling: the check reads the data, which would break the graph)
+        if idx.numel() and not torch.compiler.is_compiling() and (int(idx.min()) < 0 or int(idx.max()) >= self.cfg.vocab_size):
+            raise ValueError(
+                f"token ids must lie in [0, vocab_size={self.cfg.vocab_size}), got min {int(idx.min())}, "
+                f"max {int(idx.max())}"
+            )
         if offset + idx.shape[1] > self.cfg.max_len:
             raise ValueError(
                 f"sequence of {offset + idx.shape[1]} tokens (offset {offset} + {idx.shape[1]}) exceeds "

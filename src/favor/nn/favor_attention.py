@@ -74,6 +74,8 @@ def validate_favor_options(
     """
     _check_int("head_dim", head_dim, minimum=1)
     _check_int("seed", seed, minimum=0)
+    if seed >= 1 << 63:
+        raise ValueError(f"seed must be < 2**63 (a torch.Generator seed), got seed={seed}")
     _check_int("chunk_size", chunk_size, minimum=1)
     if kernel not in KERNELS:
         raise ValueError(f"unknown kernel {kernel!r}; expected one of {KERNELS}")
@@ -236,6 +238,8 @@ class FavorAttention(nn.Module):
 
 def favor_modules(model: nn.Module) -> Iterator[tuple[str, FavorAttention]]:
     """(name, module) for every :class:`FavorAttention` in ``model``, in ``named_modules`` order."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     for name, module in model.named_modules():
         if isinstance(module, FavorAttention):
             yield name, module

@@ -34,7 +34,7 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim <= 0 or head_dim % 2:
             raise ValueError(f"rotary embedding needs a positive even head_dim, got {head_dim!r}")
-        if not base > 1:
+        if isinstance(base, bool) or not isinstance(base, (int, float)) or not base > 1:
             raise ValueError(f"rotary base must be > 1, got {base}")
         self.head_dim = head_dim
         self.base = float(base)
@@ -53,6 +53,8 @@ class RotaryEmbedding(nn.Module):
             raise ValueError(
                 f"rotary embedding has head_dim={self.head_dim}, got q {tuple(q.shape)} and k {tuple(k.shape)}"
             )
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise ValueError(f"offset must be a non-negative int (the position of the first token), got {offset!r}")
         cos, sin = self.cos_sin(q.shape[-2], offset, dtype=q.dtype, device=q.device)
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 

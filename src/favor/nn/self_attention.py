@@ -154,6 +154,8 @@ class PerformerSelfAttention(nn.Module):
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.d_model:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"x must have shape (B, L, d_model={self.d_model}), got {shape}")
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
         B, L, _ = x.shape
         if (cache is not None or return_cache) and not self.is_causal:
             raise ValueError("cache/return_cache (incremental decoding) need a causal module (is_causal=True)")
