@@ -19,6 +19,7 @@ from favor.approx import (
 )
 from favor.cli import main as cli_main
 from favor.feature_maps import OPRF_FEATURES, feature_map, oprf_parameter
+from favor.reference import explicit_attention_matrix, softmax_attention
 
 F64 = torch.float64
 
@@ -144,9 +145,9 @@ def test_measure_uses_the_same_estimate_as_favor_attention(kind, causal):
     w = favor.gaussian_orthogonal_matrix(10, 6, generator=gen(31), dtype=F64)
     r = measure(q, k, v, w, kind, causal=causal)
     out = favor.favor_attention(q[None, None], k[None, None], v[None, None], w, features=kind, is_causal=causal)[0, 0]
-    exact = favor.reference.softmax_attention(q[None, None], k[None, None], v[None, None], is_causal=causal)[0, 0]
+    exact = softmax_attention(q[None, None], k[None, None], v[None, None], is_causal=causal)[0, 0]
     assert r["output_rel_error"] == pytest.approx(float((out - exact).norm() / exact.norm()), rel=1e-9)
-    a = favor.reference.explicit_attention_matrix(q[None, None], k[None, None], w, features=kind, is_causal=causal)
+    a = explicit_attention_matrix(q[None, None], k[None, None], w, features=kind, is_causal=causal)
     p = torch.softmax(q @ k.T / math.sqrt(6) + (torch.ones(37, 37).triu(1) * -1e30 if causal else 0), -1)
     assert r["attention_mse"] == pytest.approx(float(((a[0, 0] - p) ** 2).mean()), rel=1e-9)
 
