@@ -79,6 +79,8 @@ def register(subparsers) -> None:
                    help="folder for compat.json and compat.png (default: runs/compat)")
     p.add_argument("--plot", default=None, metavar="PNG", help="plot path (default: OUT/compat.png)")
     p.add_argument("--threads", type=int, default=None, metavar="N", help="torch CPU threads (default: torch's)")
+    p.add_argument("--replot", action="store_true",
+                   help="only redraw the plot from OUT/compat.json (e.g. of an interrupted run)")
     own = p.add_argument_group(
         "our own models",
         "instead of MiniLM: plot the validation bits per byte of a `favor train` run and of runs continued "
@@ -182,6 +184,14 @@ def run_lm_transfer(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     if args.lm_runs is not None:
         return run_lm_transfer(args)
+    if args.replot:
+        saved = Path(args.out) / "compat.json"
+        if not saved.is_file():
+            raise FileNotFoundError(f"{saved} does not exist; run favor compat --out {args.out} first")
+        plot = Path(args.plot) if args.plot else Path(args.out) / "compat.png"
+        _plot(json.loads(saved.read_text()), plot)
+        print(f"wrote {plot}")
+        return 0
     import torch
     from tqdm.auto import tqdm
 
