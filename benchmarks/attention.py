@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import os
 import platform
 import re
@@ -208,14 +207,14 @@ def measure_memory(method, direction, mode, L) -> float:
 
 
 def memory_worker(spec: str) -> None:
-    torch.set_num_threads(THREADS)
     c = json.loads(spec)
+    torch.set_num_threads(c["threads"])
     print(json.dumps({"peak_extra_mib": measure_memory(c["method"], c["direction"], c["mode"], c["L"])}))
 
 
 def memory_in_fresh_process(method, direction, mode, L) -> float:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    spec = json.dumps({"method": method, "direction": direction, "mode": mode, "L": L})
+    spec = json.dumps({"method": method, "direction": direction, "mode": mode, "L": L, "threads": THREADS})
     res = subprocess.run([sys.executable, __file__, "--memory-worker", spec], env=env,
                          capture_output=True, text=True, check=True)
     return json.loads(res.stdout.strip().splitlines()[-1])["peak_extra_mib"]
@@ -240,8 +239,8 @@ def time_case(go, min_repeats: int, warm: bool, fill: float = 2.0) -> list[float
 
 def sweep_worker(spec: str) -> None:
     """Time one (method, direction, mode) over increasing L; prints a JSON list."""
-    torch.set_num_threads(THREADS)
     c = json.loads(spec)
+    torch.set_num_threads(c["threads"])
     causal = c["direction"] == "causal"
     fn = build(c["method"], causal)
     results, prev = [], []
@@ -343,6 +342,7 @@ def machine() -> dict:
 
 
 def main(argv=None) -> int:
+    global THREADS
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--json", required=False, help="write results here (else stdout)")
     p.add_argument("--quick", action="store_true", help="small smoke sweep in one process")
@@ -353,6 +353,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-minutes", type=float, default=22.0,
                    help="full mode: skip what would end after this many minutes (whole run)")
     p.add_argument("--min-repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2, help="intra-op threads")
     p.add_argument("--decode-steps", type=int, default=64)
     p.add_argument("--sweep-worker", help=argparse.SUPPRESS)
     p.add_argument("--memory-worker", help=argparse.SUPPRESS)
@@ -364,6 +365,7 @@ def main(argv=None) -> int:
         memory_worker(args.memory_worker)
         return 0
 
+    THREADS = args.threads
     torch.set_num_threads(THREADS)
     deadline = time.time() + 60 * args.max_minutes
     methods = [m for m in args.methods if available(m)]
@@ -393,7 +395,8 @@ def main(argv=None) -> int:
                                         "L": L, "status": "ok", "median_s": med, "times_s": times,
                                         "gflop": f / 1e9, "gflops": f / med / 1e9, "peak_extra_mib": mem})
             continue
-        spec = json.dumps(dict(c, budget=args.budget, min_repeats=args.min_repeats, deadline=deadline))
+        spec = json.dumps(dict(c, budget=args.budget, min_repeats=args.min_repeats, deadline=deadline,
+                               threads=THREADS))
         res = subprocess.run([sys.executable, __file__, "--sweep-worker", spec], capture_output=True,
                              text=True, check=True)
         sys.stderr.write(res.stderr)
