@@ -59,7 +59,7 @@ def test_sixty_five_thousand_tokens_in_bf16(features, kernel, is_causal):
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(1, 1, L, 16, generator=g).bfloat16().requires_grad_() for _ in range(3))
     out = favor.favor_attention(q, k, v, _proj(kernel, m=16), features=features, kernel=kernel,
-                                is_causal=is_causal, chunk_size=1024)
+                                is_causal=is_causal, chunk_size=256)
     assert out.shape == (1, 1, L, 16) and out.dtype == torch.bfloat16
     assert torch.isfinite(out).all()
     out.float().sum().backward()
