@@ -246,7 +246,7 @@ def sweep_worker(spec: str) -> None:
     results, prev = [], []
     for L in c["lengths"]:
         row = {"method": c["method"], "direction": c["direction"], "mode": c["mode"], "L": L}
-        if len(prev) >= 2:
+        if len(prev) >= 2 and prev[-2] > 0:
             predicted = prev[-1] * max(2.0, prev[-1] / prev[-2])
         elif prev:
             predicted = prev[-1] * 4.0
@@ -398,8 +398,9 @@ def main(argv=None) -> int:
         spec = json.dumps(dict(c, budget=args.budget, min_repeats=args.min_repeats, deadline=deadline,
                                threads=THREADS))
         res = subprocess.run([sys.executable, __file__, "--sweep-worker", spec], capture_output=True,
-                             text=True, check=True)
+                             text=True)
         sys.stderr.write(res.stderr)
+        res.check_returncode()
         for row in json.loads(res.stdout.strip().splitlines()[-1]):
             if row["status"] == "ok" and time.time() + 2 * row["median_s"] + 5 > deadline:
                 row["peak_extra_mib"] = float("nan")
