@@ -209,7 +209,14 @@ OWN_ERRORS = [
                  id="approx-text-without-model"),
     pytest.param(["approx", "--quick", "--model", "nope"], "approx", "checkpoint path 'nope' does not exist",
                  id="approx-model-missing"),
+    pytest.param(["approx", "--quick", "--base-seed", "-1"], "approx", "base_seed must be a non-negative int, got -1",
+                 id="approx-base-seed-negative"),
+    pytest.param(["approx", "--quick", "--features", ","], "approx", "features must not be empty",
+                 id="approx-features-empty"),
     # favor compat (checked before transformers is imported)
+    pytest.param(["compat", "--max-length", "0"], "compat", "--max-length must be in [1, 512]",
+                 id="compat-max-length-0"),
+    pytest.param(["compat", "--seed", "-1"], "compat", "--seed must be >= 0, got -1", id="compat-seed-negative"),
     pytest.param(["compat", "--lm-runs", "lm"], "compat", "--lm-runs needs a base run and at least one continuation",
                  id="compat-lm-runs-one"),
 ]

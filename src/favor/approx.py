@@ -94,6 +94,12 @@ class ApproxConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if isinstance(self.base_seed, bool) or not isinstance(self.base_seed, int) or self.base_seed < 0:
+            raise ValueError(f"base_seed must be a non-negative int, got {self.base_seed!r}")
+        if not self.features:
+            raise ValueError("features must not be empty")
+        if not self.projections:
+            raise ValueError("projections must not be empty")
         if not self.budgets:
             raise ValueError("budgets must not be empty")
         for kind in self.features:

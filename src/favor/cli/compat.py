@@ -192,6 +192,10 @@ def run(args: argparse.Namespace) -> int:
         _plot(json.loads(saved.read_text()), plot)
         print(f"wrote {plot}")
         return 0
+    if args.seed < 0:
+        raise CLIError(f"--seed must be >= 0, got {args.seed}")
+    if not 1 <= args.max_length <= 512:
+        raise CLIError(f"--max-length must be in [1, 512] (MiniLM's position table), got {args.max_length}")
     import torch
     from tqdm.auto import tqdm
 
