@@ -364,7 +364,7 @@ def _causal_block(xb, yb, spec, mb, C, r_prev, with_intra=True) -> _CausalBlock:
     the forward's)."""
     G, n, _ = xb.shape
     nc = n // C
-    dtype, device = xb.dtype, xb.device
+    device = xb.device
     psi_q, pre_q, _ = _query_features(xb, spec)
     uk = _logits(yb, spec)
     if spec.kind == "exp":
