@@ -40,7 +40,7 @@ from typing import NamedTuple
 import torch
 
 from .feature_maps import RELU_EPSILON
-from .linear import safe_denominator, vanishing_denominator
+from .linear import _finite_or_zero, safe_denominator, vanishing_denominator
 
 __all__ = ["FUSED_KINDS", "FeatureSpec", "fused_attention", "make_spec"]
 
@@ -157,10 +157,6 @@ def _key_log_scales(u_rowmax: torch.Tensor, y: torch.Tensor, spec: FeatureSpec,
     if mask is not None:
         h = h.masked_fill(~mask, float("-inf"))
     return h
-
-
-def _finite_or_zero(x: torch.Tensor) -> torch.Tensor:
-    return torch.where(torch.isfinite(x), x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 
