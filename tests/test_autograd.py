@@ -49,17 +49,18 @@ def _spec_inputs(features, kernel, B, H, L, d, dv, m, seed, masked):
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 @pytest.mark.parametrize("features,kernel", KINDS, ids=KIND_IDS)
 def test_gradcheck_float64(features, kernel, causal, masked):
-    # L=11 with chunk 4 and 8-row blocks: two blocks, a partial chunk; all inputs incl. W and b.
+    # L=11 with chunk 4 and 8-row blocks: two blocks, a partial chunk; all inputs incl. W and b;
+    # root = 0.7: the kernels scale queries and keys block by block.
     (x, y, v), spec, mask = _spec_inputs(features, kernel, 1, 2, 11, 5, 3, 6, seed=3, masked=masked)
     weight = None if spec.weight is None else spec.weight.detach().clone().requires_grad_(True)
     bias = None if spec.bias is None else spec.bias.detach().clone().requires_grad_(True)
     x, y, v = (t.clone().requires_grad_(True) for t in (x, y, v))
     if causal:
         def f(x, y, v, weight, bias):
-            return fused._CausalFavor.apply(x, y, v, weight, bias, spec.const, mask, spec.kind, spec.m, 4, 8)
+            return fused._CausalFavor.apply(x, y, v, weight, bias, spec.const, mask, spec.kind, spec.m, 4, 8, 0.7)
     else:
         def f(x, y, v, weight, bias):
-            return fused._BidirectionalFavor.apply(x, y, v, weight, bias, spec.const, mask, spec.kind, spec.m, 4)
+            return fused._BidirectionalFavor.apply(x, y, v, weight, bias, spec.const, mask, spec.kind, spec.m, 4, 0.7)
     assert torch.autograd.gradcheck(f, (x, y, v, weight, bias), eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=True)
 
 

@@ -210,13 +210,19 @@ def favor_attention(
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     with torch.autocast(device_type=query.device.type, enabled=False):
         root = math.sqrt(scale)
-        x = query.to(cdtype) * root  # (B, H, Lq, D)
-        y = key.to(cdtype) * root  # (B, H, Lk, D)
+        q, k = query.to(cdtype), key.to(cdtype)  # (B, H, L, D), features see x = root·q, y = root·k
         v = value.to(cdtype)
         proj = None if projection is None else projection.to(device=query.device, dtype=cdtype)
+        fused = _use_fused(features, kernel, (query, key, value, projection, initial_state), initial_state,
+                           return_state)
+        # the fused kernels scale block by block; everything else takes scaled copies
+        x, y = (None, None) if fused else (q * root, k * root)
 
         oprf_a = feature_a = None  # A as carried in the state / as used by the features
         if features in OPRF_FEATURES and kernel == "softmax":
+            if x is None:  # A is detached: no scaled copies in the autograd graph
+                with torch.no_grad():
+                    x, y = q * root, k * root
             if is_causal:
                 previous = None if initial_state is None else initial_state.oprf_a.to(cdtype)
                 oprf_a = _causal_oprf_parameter(x, y, key_padding_mask, previous)
@@ -226,12 +232,11 @@ def favor_attention(
             feature_a = torch.nan_to_num(oprf_a, nan=0.0)
         if initial_state is not None:
             initial_state = FavorState(*(None if t is None else t.to(cdtype) for t in initial_state))
-        if _use_fused(features, kernel, (query, key, value, projection, initial_state), initial_state,
-                      return_state):
-            spec = make_spec(proj, features, kernel, feature_a, x.shape[0] * x.shape[1], x.shape[-1])
-            out, st = fused_attention(x, y, v, spec, is_causal=is_causal, key_padding_mask=key_padding_mask,
+        if fused:
+            spec = make_spec(proj, features, kernel, feature_a, q.shape[0] * q.shape[1], q.shape[-1])
+            out, st = fused_attention(q, k, v, spec, is_causal=is_causal, key_padding_mask=key_padding_mask,
                                       chunk_size=chunk_size, initial_state=initial_state,
-                                      return_state=return_state)
+                                      return_state=return_state, root=root)
             state = None if st is None else FavorState(*st, oprf_a)
             out = out.to(out_dtype)
             return (out, state) if return_state else out

@@ -127,9 +127,10 @@ class _Scratch:
         return buf[:numel].view(shape)
 
 
-def _rows_of(t: torch.Tensor, s: int, e: int, scratch: _Scratch, name: str) -> torch.Tensor:
-    """t[:, s:e] (G, n, k) copied into a contiguous scratch tensor."""
-    return scratch(name, t.shape[0], e - s, t.shape[-1]).copy_(t[:, s:e])
+def _rows_of(t: torch.Tensor, s: int, e: int, scratch: _Scratch, name: str, factor: float = 1.0) -> torch.Tensor:
+    """factor·t[:, s:e] (G, n, k) in a contiguous scratch tensor (the scaling rides on the copy)."""
+    buf = scratch(name, t.shape[0], e - s, t.shape[-1])
+    return buf.copy_(t[:, s:e]) if factor == 1.0 else torch.mul(t[:, s:e], factor, out=buf)
 
 
 def _values_with_ones(v: torch.Tensor, s: int, e: int, scratch: _Scratch) -> torch.Tensor:
@@ -228,37 +229,40 @@ def _weight_grads(spec: FeatureSpec, needs_w: bool, needs_b: bool, gu: torch.Ten
     return gw, gb
 
 
-def _input_grad(gu: torch.Tensor, spec: FeatureSpec, scratch: _Scratch | None = None) -> torch.Tensor:
-    """∂L/∂x (G, n, d) from ∂L/∂u (G, n, M) through u = x·Wᵀ (a scratch tensor when given)."""
-    w = spec.weight
-    if w is None:
-        return gu
+def _input_grad(gu: torch.Tensor, w_in: torch.Tensor | None, root: float, scratch: _Scratch) -> torch.Tensor:
+    """∂L/∂q (G, n, d) from ∂L/∂u (G, n, M) through u = (root·q)·Wᵀ, with w_in = root·W (None:
+    identity); a scratch tensor."""
     G, n, M = gu.shape
-    out = None if scratch is None else scratch("gx", G, n, w.shape[-1])
-    if w.dim() == 2:
-        return torch.mm(gu.reshape(G * n, M), w, out=None if out is None else out.view(G * n, -1)).view(G, n, -1)
-    return torch.bmm(gu, w, out=out)
+    if w_in is None:
+        return torch.mul(gu, root, out=scratch("gx", G, n, M))
+    out = scratch("gx", G, n, w_in.shape[-1])
+    if w_in.dim() == 2:
+        return torch.mm(gu.reshape(G * n, M), w_in, out=out.view(G * n, -1)).view(G, n, -1)
+    return torch.bmm(gu, w_in, out=out)
 
 
-def _key_grad(gu: torch.Tensor, y: torch.Tensor, spec: FeatureSpec, w_ones: torch.Tensor | None,
-              scratch: _Scratch | None = None) -> torch.Tensor:
-    """∂L/∂y from ∂L/∂u (G, n, M) for keys, whose exp features also carry −‖y‖²/2:
-    gu·W − y·Σ_i gu_i.  The row sums come out of the same GEMM as an extra column of W."""
+def _key_grad(gu: torch.Tensor, y: torch.Tensor, spec: FeatureSpec, w_in: torch.Tensor | None,
+              w_ones: torch.Tensor | None, root: float, scratch: _Scratch) -> torch.Tensor:
+    """∂L/∂k from ∂L/∂u (G, n, M) for keys y = root·k, whose exp features also carry −‖y‖²/2:
+    root·(gu·W − y·Σ_i gu_i).  w_ones = [root·W, 1]: the row sums come out of the same GEMM."""
     if spec.kind != "exp":
-        return _input_grad(gu, spec, scratch)
+        return _input_grad(gu, w_in, root, scratch)
     G, n, M = gu.shape
     d1 = w_ones.shape[-1]
-    out = None if scratch is None else scratch("gx", G, n, d1)
+    out = scratch("gx", G, n, d1)
     if w_ones.dim() == 2:
-        g = torch.mm(gu.reshape(G * n, M), w_ones, out=None if out is None else out.view(G * n, d1)).view(G, n, d1)
+        g = torch.mm(gu.reshape(G * n, M), w_ones, out=out.view(G * n, d1)).view(G, n, d1)
     else:
         g = torch.bmm(gu, w_ones, out=out)  # (G, n, d + 1)
-    return g[..., :-1].addcmul_(y, g[..., -1:], value=-1.0)
+    return g[..., :-1].addcmul_(y, g[..., -1:], value=-root)
 
 
-def _with_ones_column(w: torch.Tensor | None) -> torch.Tensor | None:
-    """(…, M, d) -> (…, M, d + 1) with a last column of ones (None stays None)."""
-    return None if w is None else torch.nn.functional.pad(w, (0, 1), value=1.0)
+def _input_weights(weight: torch.Tensor | None, root: float):
+    """(root·W, [root·W, 1]) for the input gradients (None, None without a weight)."""
+    if weight is None:
+        return None, None
+    w_in = weight * root
+    return w_in, torch.nn.functional.pad(w_in, (0, 1), value=1.0)
 
 
 def _blocks(length: int, rows: int):
@@ -270,14 +274,15 @@ def _blocks(length: int, rows: int):
 # bidirectional
 
 
-def _bidir_keys(y, v, spec, mask, rows, scratch):
-    """Σ_j φ_j v1_jᵀ (G, M, V1) relative to the key shift c (G,) (exp; 0 for relu/elu)."""
+def _bidir_keys(y, v, spec, mask, rows, root, scratch):
+    """Σ_j φ_j v1_jᵀ (G, M, V1) relative to the key shift c (G,) (exp; 0 for relu/elu), features
+    of root·y."""
     G, Lk, d = y.shape
     M = _num_features(spec, d)
     kv = y.new_zeros(G, M, v.shape[-1] + 1)
     c = torch.full((G,), float("-inf"), dtype=y.dtype, device=y.device)
     for s, e in _blocks(Lk, rows):
-        yb = _rows_of(y, s, e, scratch, "x")
+        yb = _rows_of(y, s, e, scratch, "x", root)
         vb = _values_with_ones(v, s, e, scratch)
         mb = None if mask is None else mask[:, s:e]
         u = _logits(yb, spec, scratch("u", G, e - s, M))  # (G, n, M)
@@ -302,17 +307,18 @@ def _bidir_keys(y, v, spec, mask, rows, scratch):
     return kv, c
 
 
-def _bidir_forward(x, y, v, spec, mask, rows):
+def _bidir_forward(x, y, v, spec, mask, rows, root):
+    """Features of root·x and root·y (queries and keys as given, scaled block by block)."""
     G, Lq, d = x.shape
     Dv = v.shape[-1]
     scratch = _Scratch(x)
-    kv, c = _bidir_keys(y, v, spec, mask, rows, scratch)
+    kv, c = _bidir_keys(y, v, spec, mask, rows, root, scratch)
     M = kv.shape[1]
     out = torch.empty(G, Lq, Dv, dtype=x.dtype, device=x.device)
     den = torch.empty(G, Lq, dtype=x.dtype, device=x.device)
     hq = torch.empty(G, Lq, dtype=x.dtype, device=x.device) if spec.kind == "exp" else None
     for s, e in _blocks(Lq, rows):
-        xb = _rows_of(x, s, e, scratch, "x")
+        xb = _rows_of(x, s, e, scratch, "x", root)
         psi, _, shift = _query_features(xb, spec, out=scratch("u", G, e - s, M))
         o = torch.bmm(psi, kv, out=scratch("o", G, e - s, Dv + 1))  # (G, n, V1)
         den[:, s:e] = o[..., -1]
@@ -324,21 +330,23 @@ def _bidir_forward(x, y, v, spec, mask, rows):
 
 
 class _BidirectionalFavor(torch.autograd.Function):
-    """out = D⁻¹ ψ_q (Σ_j φ_j v_jᵀ) with features from x, y (G, L, d); saves no (L, M) tensor."""
+    """out = D⁻¹ ψ_q (Σ_j φ_j v_jᵀ) with features of root·x, root·y (x, y (G, L, d)); saves no
+    (L, M) tensor."""
 
     @staticmethod
-    def forward(ctx, x, y, v, weight, bias, const, mask, kind, m, rows):
+    def forward(ctx, x, y, v, weight, bias, const, mask, kind, m, rows, root):
         spec = FeatureSpec(kind, weight, bias, const, m)
-        out, den, hq, kv, c = _bidir_forward(x, y, v, spec, mask, rows)
+        out, den, hq, kv, c = _bidir_forward(x, y, v, spec, mask, rows, root)
         ctx.save_for_backward(x, y, v, weight, bias, const, mask, out, den, hq, kv, c)
-        ctx.kind, ctx.m, ctx.rows = kind, m, rows
+        ctx.kind, ctx.m, ctx.rows, ctx.root = kind, m, rows, root
         return out
 
     @staticmethod
     def backward(ctx, gout):
         x, y, v, weight, bias, const, mask, out, den, hq, kv, c = ctx.saved_tensors
         spec = FeatureSpec(ctx.kind, weight, bias, const, ctx.m)
-        rows = ctx.rows
+        rows, root = ctx.rows, ctx.root
+        w_in, w_ones = _input_weights(weight, root)
         needs_x, needs_y, needs_v, needs_w, needs_b = ctx.needs_input_grad[:5]
         G, _, d = x.shape
         Dv = v.shape[-1]
@@ -349,7 +357,7 @@ class _BidirectionalFavor(torch.autograd.Function):
         gkv = torch.zeros_like(kv)  # (G, M, V1)
         for s, e in _blocks(x.shape[1], rows):
             n = e - s
-            xb = _rows_of(x, s, e, scratch, "x")
+            xb = _rows_of(x, s, e, scratch, "x", root)
             gb1 = _upstream(gout[:, s:e], out[:, s:e], den[:, s:e], scratch("g1", G, n, Dv + 1))  # (G, n, V1)
             psi, pre, _ = _query_features(xb, spec, None if hq is None else hq[:, s:e], scratch("u", G, n, M))
             gkv.baddbmm_(psi.transpose(1, 2), gb1)
@@ -357,15 +365,14 @@ class _BidirectionalFavor(torch.autograd.Function):
                 gu = torch.bmm(gb1, kv.transpose(1, 2), out=scratch("gu", G, n, M))
                 gu = _activation_grad(gu, pre, psi, spec)  # (G, n, M)
                 if needs_x:
-                    gx[:, s:e] = _input_grad(gu, spec, scratch)
+                    gx[:, s:e] = _input_grad(gu, w_in, root, scratch)
                 gw, gb = _weight_grads(spec, needs_w, needs_b, gu, xb, gw, gb)
         gy = torch.empty_like(y) if needs_y else None
         gv = torch.empty_like(v) if needs_v else None
         ref = _finite_or_zero(c)
-        w_ones = _with_ones_column(weight)
         for s, e in _blocks(y.shape[1], rows):
             n = e - s
-            yb = _rows_of(y, s, e, scratch, "x")
+            yb = _rows_of(y, s, e, scratch, "x", root)
             vb = _values_with_ones(v, s, e, scratch)
             mb = None if mask is None else mask[:, s:e]
             u = _logits(yb, spec, scratch("u", G, n, M))
@@ -389,9 +396,9 @@ class _BidirectionalFavor(torch.autograd.Function):
                 gu = torch.bmm(vb, gkv.transpose(1, 2), out=scratch("gu", G, n, M))
                 gu = _activation_grad(gu, pre, phi, spec)
                 if needs_y:
-                    gy[:, s:e] = _key_grad(gu, yb, spec, w_ones, scratch)
+                    gy[:, s:e] = _key_grad(gu, yb, spec, w_in, w_ones, root, scratch)
                 gw, gb = _weight_grads(spec, needs_w, needs_b, gu, yb, gw, gb)
-        return gx, gy, gv, gw, gb, None, None, None, None, None
+        return gx, gy, gv, gw, gb, None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -461,7 +468,7 @@ def _block_plan(L: int, C: int, rows: int):
     return plan
 
 
-def _causal_forward(x, y, v, spec, mask, C, rows, kv0, r0, keep=False):
+def _causal_forward(x, y, v, spec, mask, C, rows, kv0, r0, root, keep=False):
     """Returns out (G, L, Dv), den (G, L), states before each block (list of (kv1, r)), the final
     state, and with ``keep`` the masked intra-chunk weights of every block (list of (A, E), each
     (G, nc, C, C): L·C values per head, which backward would otherwise recompute)."""
@@ -476,7 +483,7 @@ def _causal_forward(x, y, v, spec, mask, C, rows, kv0, r0, keep=False):
     for s, e, c in _block_plan(L, C, rows):
         saved.append((S, r))
         mb = None if mask is None else mask[:, s:e]
-        xb, yb = _rows_of(x, s, e, scratch, "x"), _rows_of(y, s, e, scratch, "y")
+        xb, yb = _rows_of(x, s, e, scratch, "x", root), _rows_of(y, s, e, scratch, "y", root)
         blk = _causal_block(xb, yb, spec, mb, c, r, scratch)
         nc = (e - s) // c
         v4 = _values_with_ones(v, s, e, scratch).view(G, nc, c, Dv + 1)
@@ -546,17 +553,17 @@ class _CausalFavor(torch.autograd.Function):
     """Causal fused FAVOR from an empty state; saves states at block starts, not features."""
 
     @staticmethod
-    def forward(ctx, x, y, v, weight, bias, const, mask, kind, m, chunk, rows):
+    def forward(ctx, x, y, v, weight, bias, const, mask, kind, m, chunk, rows, root):
         spec = FeatureSpec(kind, weight, bias, const, m)
         G, M = x.shape[0], _num_features(spec, x.shape[-1])
         kv0 = x.new_zeros(G, M, v.shape[-1] + 1)
         r0 = torch.full((G,), float("-inf") if kind == "exp" else 0.0, dtype=x.dtype, device=x.device)
-        out, den, saved, _, intra = _causal_forward(x, y, v, spec, mask, chunk, rows, kv0, r0, keep=True)
+        out, den, saved, _, intra = _causal_forward(x, y, v, spec, mask, chunk, rows, kv0, r0, root, keep=True)
         states = torch.stack([s for s, _ in saved]) if saved else kv0[:0]  # (nblocks, G, M, V1)
         logs = torch.stack([r for _, r in saved]) if saved else r0[:0]  # (nblocks, G)
         ctx.save_for_backward(x, y, v, weight, bias, const, mask, out, den, states, logs)
         ctx.intra = intra  # internal intermediates, never exposed (no in-place check needed)
-        ctx.kind, ctx.m, ctx.chunk, ctx.rows = kind, m, chunk, rows
+        ctx.kind, ctx.m, ctx.chunk, ctx.rows, ctx.root = kind, m, chunk, rows, root
         return out
 
     @staticmethod
@@ -568,7 +575,8 @@ class _CausalFavor(torch.autograd.Function):
         Dv = v.shape[-1]
         M = _num_features(spec, d)
         scratch = _Scratch(x)
-        w_ones = _with_ones_column(weight)
+        root = ctx.root
+        w_in, w_ones = _input_weights(weight, root)
         gx, gy, gv = torch.empty_like(x), torch.empty_like(y), torch.empty_like(v)
         gw = gb = None
         grev = x.new_zeros(G, _num_features(spec, x.shape[-1]), Dv + 1)  # Σ over later queries, rel. to block end
@@ -578,7 +586,7 @@ class _CausalFavor(torch.autograd.Function):
             S, r = states[i], logs[i]
             mb = None if mask is None else mask[:, s:e]
             n = e - s
-            xb, yb = _rows_of(x, s, e, scratch, "x"), _rows_of(y, s, e, scratch, "y")
+            xb, yb = _rows_of(x, s, e, scratch, "x", root), _rows_of(y, s, e, scratch, "y", root)
             blk = _causal_block(xb, yb, spec, mb, c, r, scratch, with_intra=False)
             A, E = ctx.intra[i]
             nc = n // c
@@ -604,12 +612,12 @@ class _CausalFavor(torch.autograd.Function):
             gv[:, s:e] = gv1.view(G, n, V1)[..., :Dv]
             guq = _activation_grad(gpq.view(G, n, M), blk.pre_q, blk.psi_q.view(G, n, M), spec)
             guk = _activation_grad(gpk.view(G, n, M), blk.pre_k, blk.psi_k.view(G, n, M), spec)
-            gx[:, s:e] = _input_grad(guq, spec, scratch)
-            gy[:, s:e] = _key_grad(guk, yb, spec, w_ones, scratch)
+            gx[:, s:e] = _input_grad(guq, w_in, root, scratch)
+            gy[:, s:e] = _key_grad(guk, yb, spec, w_in, w_ones, root, scratch)
             gw, gb = _weight_grads(spec, needs_w, needs_b, guq, xb, gw, gb)
             gw, gb = _weight_grads(spec, needs_w, needs_b, guk, yb, gw, gb)
         return (gx if needs_x else None, gy if needs_y else None, gv if needs_v else None,
-                gw, gb, None, None, None, None, None, None)
+                gw, gb, None, None, None, None, None, None, None)
 
 
 def _num_features(spec: FeatureSpec, dim: int) -> int:
@@ -625,9 +633,10 @@ def _num_features(spec: FeatureSpec, dim: int) -> int:
 def fused_attention(
     x: torch.Tensor, y: torch.Tensor, v: torch.Tensor, spec: FeatureSpec, *,
     is_causal: bool, key_padding_mask: torch.Tensor | None, chunk_size: int,
-    initial_state=None, return_state: bool = False, rows: int | None = None,
+    initial_state=None, return_state: bool = False, rows: int | None = None, root: float = 1.0,
 ):
-    """Fused FAVOR on scaled queries/keys.
+    """Fused FAVOR with features of root·x and root·y (root = √scale; the scaling is applied
+    block by block, so no scaled copy of the inputs is made).
 
     x (B, H, Lq, d), y (B, H, Lk, d), v (B, H, Lk, Dv) in the compute dtype; spec from
     :func:`make_spec`; key_padding_mask (B, Lk) bool or None; initial_state a
@@ -656,14 +665,14 @@ def fused_attention(
     if not is_causal:
         if grad:
             out = _BidirectionalFavor.apply(xg, yg, vg, spec.weight, spec.bias, spec.const, mask,
-                                            spec.kind, spec.m, rows_g)
+                                            spec.kind, spec.m, rows_g, root)
         else:
             with torch.no_grad():
-                out = _bidir_forward(xg, yg, vg, spec, mask, rows_g)[0]
+                out = _bidir_forward(xg, yg, vg, spec, mask, rows_g, root)[0]
         return out.view(B, H, Lq, Dv), None
     if grad:
         out = _CausalFavor.apply(xg, yg, vg, spec.weight, spec.bias, spec.const, mask,
-                                 spec.kind, spec.m, chunk_size, rows_g)
+                                 spec.kind, spec.m, chunk_size, rows_g, root)
         return out.view(B, H, Lq, Dv), None
     M = _num_features(spec, d)
     with torch.no_grad():
@@ -677,7 +686,7 @@ def fused_attention(
             r0 = log0
         if spec.kind != "exp":
             r0 = torch.zeros_like(log0)  # relu/elu states are absolute; log_scale is carried as is
-        out, _, _, (S, r), _ = _causal_forward(xg, yg, vg, spec, mask, chunk_size, rows_g, kv0, r0)
+        out, _, _, (S, r), _ = _causal_forward(xg, yg, vg, spec, mask, chunk_size, rows_g, kv0, r0, root)
         if spec.kind != "exp":
             r = log0
     state = None
