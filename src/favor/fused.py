@@ -523,11 +523,10 @@ def _prefix_states(S0: torch.Tensor, kvc: torch.Tensor, decay: torch.Tensor,
     (G, M, V1)."""
     G, nc = decay.shape
     S_before = torch.empty_like(kvc) if out is None else out
-    S = S0
-    for n in range(nc):
-        S_before[:, n] = S
-        S = torch.addcmul(kvc[:, n], S, decay[:, n, None, None])
-    return S_before, S
+    S_before[:, 0] = S0
+    for n in range(nc - 1):  # each state written in place, no copies
+        torch.addcmul(kvc[:, n], S_before[:, n], decay[:, n, None, None], out=S_before[:, n + 1])
+    return S_before, torch.addcmul(kvc[:, nc - 1], S_before[:, nc - 1], decay[:, nc - 1, None, None])
 
 
 def _suffix_states(P: torch.Tensor, after: torch.Tensor, decay: torch.Tensor,
@@ -542,11 +541,10 @@ def _suffix_states(P: torch.Tensor, after: torch.Tensor, decay: torch.Tensor,
     """
     G, nc = decay.shape
     Gst = torch.empty_like(P) if out is None else out
-    acc = after  # rel. to r_end[nc - 1]
-    for n in range(nc - 1, -1, -1):
-        Gst[:, n] = acc  # rel. to r_end[n]
-        acc = torch.addcmul(P[:, n], acc, decay[:, n, None, None])  # rel. to r_before[n]
-    return Gst, acc
+    Gst[:, nc - 1] = after  # rel. to r_end[nc - 1]
+    for n in range(nc - 1, 0, -1):  # rel. to r_before[n] = r_end[n - 1]
+        torch.addcmul(P[:, n], Gst[:, n], decay[:, n, None, None], out=Gst[:, n - 1])
+    return Gst, torch.addcmul(P[:, 0], Gst[:, 0], decay[:, 0, None, None])
 
 
 class _CausalFavor(torch.autograd.Function):
