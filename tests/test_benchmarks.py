@@ -56,3 +56,40 @@ def test_targets_table_reads_the_json(quick_result):
     # the quick sizes cannot decide the L=16384 targets: they say so instead of guessing
     assert any("not measured" in line and line.endswith("| n/a |") for line in lines)
     assert any("favor_attention_step" in line for line in lines)
+
+
+def test_variance_cuts_smoke_run_every_estimator(tmp_path):
+    """benchmarks/variance_cuts.py on a tiny setting: every estimator gives a finite error, and the
+    biased ones are labelled as such."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import variance_cuts
+    finally:
+        sys.path.pop(0)
+    result = variance_cuts.run(variance_cuts.DEFAULT_ESTIMATORS, seeds=2, length=64, dim=16, sigma=0.5, budget=128)
+    assert [r["estimator"] for r in result["rows"]] == list(variance_cuts.DEFAULT_ESTIMATORS)
+    for r in result["rows"]:
+        assert math.isfinite(r["mean"]) and r["mean"] > 0, r
+        assert r["unbiased"] == (r["estimator"] not in {"hyperbolic_oprf/sqrt_d", "taylor2", "taylor1_exact"})
+
+
+def test_variance_cuts_unbiased_estimators_average_to_the_kernel():
+    """Averaged over many draws, each unbiased experimental estimator's kernel matrix approaches
+    exp(xᵀy) on a few fixed pairs (relative error of the mean well under its per-draw spread)."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import variance_cuts
+    finally:
+        sys.path.pop(0)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 8, generator=g, dtype=torch.float64) * 0.3
+    y = torch.randn(4, 8, generator=g, dtype=torch.float64) * 0.3
+    exact = torch.exp(x @ y.T)
+    for name in ("oprf_control", "maclaurin", "hyperbolic_oprf/mub", "hyperbolic_sderf", "hyperbolic_oprf/simplex"):
+        draws = torch.stack([variance_cuts.kernel_matrix(name, x, y, 128, torch.Generator().manual_seed(s))
+                             for s in range(400)])
+        rel = ((draws.mean(0) - exact) / exact).abs().max()
+        spread = (draws.std(0) / exact).max()
+        assert rel < 4 * spread / 400 ** 0.5 + 1e-3, (name, float(rel), float(spread))

@@ -1,0 +1,230 @@
+"""Variance cuts for the softmax kernel beyond FAVOR++, measured on the issue's setting: the relative
+error of the attention output at an equal budget of output features (default M = 256, d = 64,
+L = 1024, q, k, v ~ N(0, 0.5²), bidirectional), mean ± std over seeds, as JSON.
+
+    python benchmarks/variance_cuts.py --seeds 15 --json benchmarks/results/variance_cuts.json
+
+Every estimator is written out here as explicit features φ(x), φ(y) with an L×L kernel matrix (a
+slow, obviously-correct form: these are experiments, not kernels), in float64.  Each row says
+whether E[φ(x)ᵀφ(y)] = exp(xᵀy) exactly (``unbiased``) and how many output features it uses.
+
+Estimators (x = q/d^¼, y = k/d^¼; "orthogonal" = Haar blocks of d rows with chi row norms):
+
+* ``positive``, ``oprf``, ``hyperbolic_oprf``: favor's feature maps on orthogonal projections.
+* ``hyperbolic_oprf`` on better-balanced projections, each row still exactly Gaussian in law:
+  ``hadamard`` (favor's structured ORF), ``mub`` (pairs of mutually unbiased bases R and HR/√d,
+  H the Sylvester Hadamard matrix, R Haar), ``simplex`` (d unit vectors of a regular simplex,
+  rotated by a Haar R), ``stratified`` (orthogonal, row norms from stratified chi quantiles:
+  a random permutation of (i + U_i)/m), and ``sqrt_d`` (orthogonal with all norms √d: biased, a
+  bound on what norm balancing can give).
+* ``hyperbolic_sderf``: FAVOR#'s symmetric dense parameter: A per eigendirection of the pair
+  second moment S = E[(x + y)(x + y)ᵀ] (from this draw's q and k), with A from FAVOR++'s closed
+  form for that direction's spread, antithetic pairs.
+* ``oprf_control``: FAVOR++ with a linear control variate: φ_r(x) − β(1 + ω_rᵀx) on both sides plus
+  the exact (2β − β²)-weighted corrections, β = 0.8 (unbiased for every β); costs d + 1 exact
+  features.
+* ``maclaurin``: exp(t) = 1 + t + t²/2 + (t³/6)·E_{s~Beta(1,3)}[exp(s t)]: the first two terms
+  exact (d + 1 features), t² from squared orthogonal projections with its exact correction
+  (1 feature), the remainder from products of three Gaussian projections and positive features of
+  √s·x (60 features): unbiased.
+* ``taylor2`` (biased): the same without the remainder, i.e. an unbiased estimate of the
+  second-order Taylor kernel 1 + t + t²/2, whose bias against exp(t) is Σ_{n≥3} tⁿ/n!.
+* ``taylor1_exact`` (biased, deterministic): 1 + xᵀy with d + 1 exact features.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+
+import torch
+
+from favor.approx import _generator, draw_inputs
+from favor.feature_maps import oprf_parameter, oprf_parameter_from_rho
+from favor.projections import _haar_orthogonal_block, hadamard_orthogonal_matrix
+
+DEFAULT_ESTIMATORS = ("positive", "oprf", "hyperbolic_oprf", "hyperbolic_oprf/hadamard", "hyperbolic_oprf/mub",
+                      "hyperbolic_oprf/simplex", "hyperbolic_oprf/stratified", "hyperbolic_oprf/sqrt_d",
+                      "hyperbolic_sderf", "oprf_control", "maclaurin", "taylor2", "taylor1_exact")
+BIASED = {"hyperbolic_oprf/sqrt_d", "taylor2", "taylor1_exact"}
+
+
+def _sylvester(n: int) -> torch.Tensor:
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
+    return h
+
+
+def _chi_norms(m: int, d: int, g: torch.Generator) -> torch.Tensor:
+    return torch.randn(m, d, generator=g, dtype=torch.float64).norm(dim=1)
+
+
+def _stratified_chi_norms(m: int, d: int, g: torch.Generator) -> torch.Tensor:
+    from scipy.stats import chi  # only this estimator needs scipy (chi quantiles)
+
+    u = (torch.randperm(m, generator=g).double() + torch.rand(m, generator=g, dtype=torch.float64)) / m
+    return torch.from_numpy(chi.ppf(u.numpy(), d))
+
+
+def directions(kind: str, m: int, d: int, g: torch.Generator) -> torch.Tensor:
+    """(m, d) unit rows, each uniform on the sphere in law."""
+    blocks = []
+    if kind == "mub":
+        if d & (d - 1):
+            raise ValueError(f"mub needs a power-of-two d, got {d}")
+        h = _sylvester(d) / math.sqrt(d)
+        while sum(b.shape[0] for b in blocks) < m:
+            r = _haar_orthogonal_block(d, g)
+            blocks += [r, h @ r]
+    elif kind == "simplex":
+        e = torch.eye(d, dtype=torch.float64)
+        s = e - e.mean(0, keepdim=True)
+        s = s / s.norm(dim=1, keepdim=True)  # d vertices, pairwise cosine −1/(d−1)
+        while sum(b.shape[0] for b in blocks) < m:
+            blocks.append(s @ _haar_orthogonal_block(d, g))
+    else:
+        while sum(b.shape[0] for b in blocks) < m:
+            blocks.append(_haar_orthogonal_block(d, g))
+    return torch.cat(blocks)[:m]
+
+
+def projection(kind: str, m: int, d: int, g: torch.Generator) -> torch.Tensor:
+    if kind == "hadamard":
+        return hadamard_orthogonal_matrix(m, d, generator=g, dtype=torch.float64)
+    if kind == "stratified":
+        return directions("orthogonal", m, d, g) * _stratified_chi_norms(m, d, g).unsqueeze(1)
+    if kind == "sqrt_d":
+        return directions("orthogonal", m, d, g) * math.sqrt(d)
+    return directions(kind, m, d, g) * _chi_norms(m, d, g).unsqueeze(1)
+
+
+def _gerf(z: torch.Tensor, w: torch.Tensor, a: torch.Tensor | float, basis: torch.Tensor | None = None) -> torch.Tensor:
+    """FAVOR++-type features exp(Σ_l a_l ω_l² + Σ_l √(1 − 4a_l) ω_l (Uᵀz)_l − ‖z‖²/2 + ¼Σ_l log(1 − 4a_l)),
+    unnormalised (the caller divides the kernel by the number of rows).  a: scalar or (d,)."""
+    d = z.shape[-1]
+    a = torch.as_tensor(a, dtype=z.dtype).expand(d)
+    zr = z if basis is None else z @ basis
+    log_d = 0.25 * torch.log(1 - 4 * a).sum()
+    return torch.exp((w * w * a).sum(-1) + (zr * torch.sqrt(1 - 4 * a)) @ w.T - 0.5 * z.pow(2).sum(-1, keepdim=True) + log_d)
+
+
+def kernel_matrix(name: str, x: torch.Tensor, y: torch.Tensor, budget: int, g: torch.Generator) -> torch.Tensor:
+    """(L, L) estimate of exp(x_i·y_j) by estimator ``name`` with ``budget`` output features."""
+    d = x.shape[-1]
+    kind, _, proj_kind = name.partition("/")
+    t = x @ y.T
+    if kind in ("positive", "oprf"):
+        w = projection("orthogonal", budget, d, g)
+        a = 0.0 if kind == "positive" else float(oprf_parameter(x, y))
+        return _gerf(x, w, a) @ _gerf(y, w, a).T / budget
+    if kind == "hyperbolic_oprf":
+        w = projection(proj_kind or "orthogonal", budget // 2, d, g)
+        w = torch.cat((w, -w))
+        a = float(oprf_parameter(x, y))
+        return _gerf(x, w, a) @ _gerf(y, w, a).T / w.shape[0]
+    if kind == "hyperbolic_sderf":
+        n = x.shape[0]
+        xb, yb = x.mean(0), y.mean(0)
+        second = x.T @ x / n + y.T @ y / n + torch.outer(xb, yb) + torch.outer(yb, xb)
+        spread, basis = torch.linalg.eigh(second)
+        a = oprf_parameter_from_rho(spread.clamp_min(0))
+        w = projection("orthogonal", budget // 2, d, g)
+        w = torch.cat((w, -w))
+        return _gerf(x, w, a, basis) @ _gerf(y, w, a, basis).T / w.shape[0]
+    if kind == "oprf_control":
+        beta = 0.8
+        m = budget - (d + 1)
+        if m <= 0:
+            raise ValueError(f"{name} needs a budget above {d + 1} features, got {budget}")
+        w = projection("orthogonal", m, d, g)
+        a = float(oprf_parameter(x, y))
+        b = math.sqrt(1 - 4 * a)
+        fx, fy = _gerf(x, w, a), _gerf(y, w, a)
+        lx, ly = 1 + x @ w.T, 1 + y @ w.T
+        # E[φ_w(z) ω] = e_z·c·z and E[φ_w(z)] = e_z, with c = B/(1 − 2A)
+        def mean_feature(z):
+            return math.exp(d / 4 * math.log(1 - 4 * a)) * (1 - 2 * a) ** (-d / 2) * torch.exp(
+                (b * b / (2 * (1 - 2 * a)) - 0.5) * z.pow(2).sum(-1, keepdim=True))
+        c = b / (1 - 2 * a)
+        k = (fx - beta * lx) @ (fy - beta * ly).T / m
+        return k + beta * (mean_feature(x) + mean_feature(y).T) * (1 + c * t) - beta ** 2 * (1 + t)
+    if kind in ("maclaurin", "taylor2"):
+        m3 = 60 if kind == "maclaurin" else 0
+        m2 = budget - (d + 1) - 1 - m3
+        if m2 <= 0:
+            raise ValueError(f"{name} needs a budget above {d + 2 + m3} features, got {budget}")
+        w2 = projection("orthogonal", m2, d, g)
+        # E[(ωᵀx)²(ωᵀy)²] = ‖x‖²‖y‖² + 2t² for Gaussian ω
+        quad = ((x @ w2.T) ** 2) @ ((y @ w2.T) ** 2).T / m2
+        k = 1 + t + 0.25 * (quad - x.pow(2).sum(-1, keepdim=True) * y.pow(2).sum(-1))
+        if m3:
+            ws = [torch.randn(m3, d, generator=g, dtype=torch.float64) for _ in range(4)]
+            s = 1 - (1 - torch.rand(m3, generator=g, dtype=torch.float64)) ** (1 / 3)  # Beta(1, 3)
+
+            def remainder_features(z):
+                z3 = (z @ ws[0].T) * (z @ ws[1].T) * (z @ ws[2].T)
+                return z3 * torch.exp(torch.sqrt(s) * (z @ ws[3].T) - s * z.pow(2).sum(-1, keepdim=True) / 2)
+
+            k = k + remainder_features(x) @ remainder_features(y).T / (6 * m3)
+        return k
+    if kind == "taylor1_exact":
+        return 1 + t
+    raise ValueError(f"unknown estimator {name!r}; expected one of {DEFAULT_ESTIMATORS}")
+
+
+def output_rel_error(k: torch.Tensor, exact_rows: torch.Tensor, v: torch.Tensor) -> float:
+    est = k / k.sum(-1, keepdim=True)
+    exact_out = exact_rows @ v
+    return float((est @ v - exact_out).norm() / exact_out.norm())
+
+
+def run(estimators, *, seeds: int, length: int, dim: int, sigma: float, budget: int) -> dict:
+    rows = []
+    for name in estimators:
+        errors = []
+        t0 = time.perf_counter()
+        for s in range(seeds):
+            q, k, v = draw_inputs(length, dim, sigma=sigma, generator=_generator(1, s))
+            x, y = q * dim ** -0.25, k * dim ** -0.25
+            exact_rows = torch.softmax(x @ y.T, dim=-1)
+            errors.append(output_rel_error(kernel_matrix(name, x, y, budget, _generator(2, s)), exact_rows, v))
+        e = torch.tensor(errors, dtype=torch.float64)
+        rows.append({"estimator": name, "unbiased": name not in BIASED, "mean": float(e.mean()),
+                     "std": float(e.std()) if seeds > 1 else 0.0, "seeds": seeds,
+                     "seconds": time.perf_counter() - t0})
+        print(f"{name:28s} {'' if name not in BIASED else '(biased) ':9s}{rows[-1]['mean']:.4f} ± {rows[-1]['std']:.4f}",
+              file=sys.stderr, flush=True)
+    return {"command": "python " + " ".join(sys.argv), "setting": {"length": length, "dim": dim, "sigma": sigma,
+            "budget": budget, "direction": "bidirectional", "quantity": "relative error of the attention output"},
+            "rows": rows}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seeds", type=int, default=15)
+    p.add_argument("--length", type=int, default=1024)
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--sigma", type=float, default=0.5)
+    p.add_argument("--budget", type=int, default=256)
+    p.add_argument("--estimators", default=",".join(DEFAULT_ESTIMATORS))
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", help="write the result here")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    result = run(args.estimators.split(","), seeds=args.seeds, length=args.length, dim=args.dim,
+                 sigma=args.sigma, budget=args.budget)
+    text = json.dumps(result, indent=1)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(text + "\n")
+    else:
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
