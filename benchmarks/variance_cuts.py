@@ -176,22 +176,39 @@ def kernel_matrix(name: str, x: torch.Tensor, y: torch.Tensor, budget: int, g: t
     raise ValueError(f"unknown estimator {name!r}; expected one of {DEFAULT_ESTIMATORS}")
 
 
-def output_rel_error(k: torch.Tensor, exact_rows: torch.Tensor, v: torch.Tensor) -> float:
+def output_rel_error(k: torch.Tensor, exact_rows: torch.Tensor, v: torch.Tensor, causal: bool = False) -> float:
+    if causal:
+        k = k.tril()
     est = k / k.sum(-1, keepdim=True)
     exact_out = exact_rows @ v
     return float((est @ v - exact_out).norm() / exact_out.norm())
 
 
-def run(estimators, *, seeds: int, length: int, dim: int, sigma: float, budget: int) -> dict:
+def run(estimators, *, seeds: int, length: int, dim: int, sigma: float, budget: int, model: str | None = None) -> dict:
+    """Errors of every estimator; with ``model`` (a ``favor train`` checkpoint) on the real queries,
+    keys and values of its layers (seed s: layer/head s mod layers·heads, as ``favor approx
+    --model``) instead of random ones."""
+    causal, about = False, f"q, k, v ~ N(0, {sigma}^2), L={length}, d={dim}"
+    if model is not None:
+        from favor.approx import ApproxConfig, model_inputs
+
+        config, real_inputs, about = model_inputs(model, ApproxConfig(length=length))
+        length, dim, causal = config.length, config.dim, config.causal
     rows = []
     for name in estimators:
         errors = []
         t0 = time.perf_counter()
         for s in range(seeds):
-            q, k, v = draw_inputs(length, dim, sigma=sigma, generator=_generator(1, s))
+            if model is None:
+                q, k, v = draw_inputs(length, dim, sigma=sigma, generator=_generator(1, s))
+            else:
+                q, k, v = (t.to(torch.float64) for t in real_inputs(s))
             x, y = q * dim ** -0.25, k * dim ** -0.25
-            exact_rows = torch.softmax(x @ y.T, dim=-1)
-            errors.append(output_rel_error(kernel_matrix(name, x, y, budget, _generator(2, s)), exact_rows, v))
+            scores = x @ y.T
+            if causal:
+                scores = scores.masked_fill(torch.ones_like(scores, dtype=torch.bool).triu(1), float("-inf"))
+            exact_rows = torch.softmax(scores, dim=-1)
+            errors.append(output_rel_error(kernel_matrix(name, x, y, budget, _generator(2, s)), exact_rows, v, causal))
         e = torch.tensor(errors, dtype=torch.float64)
         rows.append({"estimator": name, "unbiased": name not in BIASED, "mean": float(e.mean()),
                      "std": float(e.std()) if seeds > 1 else 0.0, "seeds": seeds,
@@ -199,7 +216,8 @@ def run(estimators, *, seeds: int, length: int, dim: int, sigma: float, budget: 
         print(f"{name:28s} {'' if name not in BIASED else '(biased) ':9s}{rows[-1]['mean']:.4f} ± {rows[-1]['std']:.4f}",
               file=sys.stderr, flush=True)
     return {"command": "python " + " ".join(sys.argv), "setting": {"length": length, "dim": dim, "sigma": sigma,
-            "budget": budget, "direction": "bidirectional", "quantity": "relative error of the attention output"},
+            "budget": budget, "inputs": about, "direction": "causal" if causal else "bidirectional",
+            "quantity": "relative error of the attention output"},
             "rows": rows}
 
 
@@ -211,12 +229,13 @@ def main(argv=None) -> int:
     p.add_argument("--sigma", type=float, default=0.5)
     p.add_argument("--budget", type=int, default=256)
     p.add_argument("--estimators", default=",".join(DEFAULT_ESTIMATORS))
+    p.add_argument("--model", help="a `favor train` checkpoint: use its layers' real q, k, v (L <= --length)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", help="write the result here")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     result = run(args.estimators.split(","), seeds=args.seeds, length=args.length, dim=args.dim,
-                 sigma=args.sigma, budget=args.budget)
+                 sigma=args.sigma, budget=args.budget, model=args.model)
     text = json.dumps(result, indent=1)
     if args.json:
         with open(args.json, "w") as f:
