@@ -44,11 +44,19 @@ def plot(result: dict, key: str, ylabel: str, path: str) -> None:
         ax.set_xscale("log", base=2)
         ax.grid(True, which="both", alpha=0.3)
     axes[0].set_ylabel(ylabel)
-    axes[0].legend(fontsize=8)
+    # one legend for the figure: a method may be absent from some panels (fast-transformers is
+    # causal only), so no single panel's legend lists them all
+    handles = {}
+    for ax in axes:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lab, h)
+    order = [mth for mth in methods if mth in handles]
+    fig.legend([handles[mth] for mth in order], order, loc="lower center", ncol=len(order), fontsize=8,
+               frameon=False)
     m = result["machine"]
     fig.suptitle(f"B=1, H=8, d=64, M=256, float32, {m['threads']} threads on {m['cpu']} "
                  f"(matmul {result['matmul_gflops']:.0f} GFLOP/s); {result['date']}", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
