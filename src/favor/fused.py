@@ -209,7 +209,7 @@ def _upstream(gout: torch.Tensor, out: torch.Tensor, den: torch.Tensor,
     Dv = gout.shape[-1]
     g = torch.empty(*gout.shape[:-1], Dv + 1, dtype=gout.dtype, device=gout.device) if into is None else into
     g[..., :Dv].copy_(gout)
-    torch.sum(gout * out, -1, out=g[..., Dv]).neg_()
+    g[..., Dv] = -(gout * out).sum(-1)
     g.div_(safe_denominator(den).unsqueeze(-1))
     return g.masked_fill_(vanishing_denominator(den).unsqueeze(-1), 0.0)
 
@@ -322,7 +322,7 @@ def _bidir_forward(x, y, v, spec, mask, rows, root):
         psi, _, shift = _query_features(xb, spec, out=scratch("u", G, e - s, M))
         o = torch.bmm(psi, kv, out=scratch("o", G, e - s, Dv + 1))  # (G, n, V1)
         den[:, s:e] = o[..., -1]
-        torch.div(o[..., :Dv], safe_denominator(o[..., -1]).unsqueeze(-1), out=out[:, s:e])
+        out[:, s:e] = o[..., :Dv] / safe_denominator(o[..., -1]).unsqueeze(-1)
         out[:, s:e].masked_fill_(vanishing_denominator(o[..., -1]).unsqueeze(-1), 0.0)
         if hq is not None:
             hq[:, s:e] = shift
@@ -498,7 +498,7 @@ def _causal_forward(x, y, v, spec, mask, C, rows, kv0, r0, root, keep=False):
         o.addcmul_(blk.carry.unsqueeze(-1), _bmm4(blk.psi_q, S_before, scratch("oS", G, nc, c, Dv + 1)))
         o = o.view(G, e - s, Dv + 1)
         den[:, s:e] = o[..., -1]
-        torch.div(o[..., :Dv], safe_denominator(o[..., -1]).unsqueeze(-1), out=out[:, s:e])
+        out[:, s:e] = o[..., :Dv] / safe_denominator(o[..., -1]).unsqueeze(-1)
         out[:, s:e].masked_fill_(vanishing_denominator(o[..., -1]).unsqueeze(-1), 0.0)
         r = blk.r_last
     return out, den, saved, (S, r), intra
@@ -524,8 +524,8 @@ def _prefix_states(S0: torch.Tensor, kvc: torch.Tensor, decay: torch.Tensor,
     G, nc = decay.shape
     S_before = torch.empty_like(kvc) if out is None else out
     S_before[:, 0] = S0
-    for n in range(nc - 1):  # each state written in place, no copies
-        torch.addcmul(kvc[:, n], S_before[:, n], decay[:, n, None, None], out=S_before[:, n + 1])
+    for n in range(nc - 1):  # (no out= into the strided slice: torch.compile cannot trace that)
+        S_before[:, n + 1] = torch.addcmul(kvc[:, n], S_before[:, n], decay[:, n, None, None])
     return S_before, torch.addcmul(kvc[:, nc - 1], S_before[:, nc - 1], decay[:, nc - 1, None, None])
 
 
@@ -543,7 +543,7 @@ def _suffix_states(P: torch.Tensor, after: torch.Tensor, decay: torch.Tensor,
     Gst = torch.empty_like(P) if out is None else out
     Gst[:, nc - 1] = after  # rel. to r_end[nc - 1]
     for n in range(nc - 1, 0, -1):  # rel. to r_before[n] = r_end[n - 1]
-        torch.addcmul(P[:, n], Gst[:, n], decay[:, n, None, None], out=Gst[:, n - 1])
+        Gst[:, n - 1] = torch.addcmul(P[:, n], Gst[:, n], decay[:, n, None, None])
     return Gst, torch.addcmul(P[:, 0], Gst[:, 0], decay[:, 0, None, None])
 
 
