@@ -289,41 +289,50 @@ def matmul_rate(n: int = 2048, repeats: int = 7) -> float:
 
 
 def decoding(contexts, steps: int) -> list[dict]:
+    """Per-token decoding time after each context length, median over ``steps`` tokens.
+
+    The contexts are measured round-robin (one step of each in turn), so that a slow phase of a
+    shared machine hits every context alike instead of biasing one of them."""
     import favor
 
     rows = []
     g = torch.Generator().manual_seed(0)
     w = favor.gaussian_orthogonal_matrix(M, D, generator=g)
-    for ctx in contexts:
-        q, k, v, _ = make_inputs(ctx, False)
-        with torch.no_grad():
-            _, state = favor.favor_attention(q, k, v, w, is_causal=True, return_state=True)
-            toks = [make_inputs(1, False, seed=1000 + i)[:3] for i in range(steps)]
-            ts = []
-            for qt, kt, vt in toks:
+    states = {}
+    with torch.no_grad():
+        for ctx in contexts:
+            q, k, v, _ = make_inputs(ctx, False)
+            _, states[ctx] = favor.favor_attention(q, k, v, w, is_causal=True, return_state=True)
+        toks = [make_inputs(1, False, seed=1000 + i)[:3] for i in range(steps + 1)]
+        times = {ctx: [] for ctx in contexts}
+        for qt, kt, vt in toks:
+            for ctx in contexts:
                 t0 = time.perf_counter()
-                _, state = favor.favor_attention_step(qt, kt, vt, w, state)
-                ts.append(time.perf_counter() - t0)
-        rows.append({"method": "favor_attention_step", "context": ctx, "per_token_s": statistics.median(ts[1:])})
+                _, states[ctx] = favor.favor_attention_step(qt, kt, vt, w, states[ctx])
+                times[ctx].append(time.perf_counter() - t0)
+    for ctx in contexts:
+        rows.append({"method": "favor_attention_step", "context": ctx, "per_token_s": statistics.median(times[ctx][1:])})
     try:
         from favor.models import PerformerConfig, PerformerLM
     except ImportError:
         return rows
+    streams, times, last = {}, {ctx: [] for ctx in contexts}, {}
     for ctx in contexts:
-        cfg = PerformerConfig(vocab_size=256, d_model=H * D, n_heads=H, n_layers=1, max_len=ctx + steps + 1,
+        cfg = PerformerConfig(vocab_size=256, d_model=H * D, n_heads=H, n_layers=1, max_len=ctx + steps + 2,
                               nb_features=M, chunk_size=64)
         torch.manual_seed(0)
         model = PerformerLM(cfg).eval()
         prompt = torch.randint(0, 256, (B, ctx), generator=g)
-        stream = model.generate_stream(prompt, steps, temperature=0.0)
-        ts, t0 = [], None
-        for _ in stream:
-            now = time.perf_counter()
-            if t0 is not None:
-                ts.append(now - t0)
-            t0 = now
+        streams[ctx] = model.generate_stream(prompt, steps + 1, temperature=0.0)
+        next(streams[ctx])  # the prompt pass and the first token
+    for _ in range(steps):
+        for ctx in contexts:
+            t0 = time.perf_counter()
+            next(streams[ctx])
+            times[ctx].append(time.perf_counter() - t0)
+    for ctx in contexts:
         rows.append({"method": "PerformerLM.generate_stream (1 layer, d_model=512)", "context": ctx,
-                     "per_token_s": statistics.median(ts[1:])})
+                     "per_token_s": statistics.median(times[ctx])})
     return rows
 
 
@@ -355,6 +364,8 @@ def main(argv=None) -> int:
     p.add_argument("--min-repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2, help="intra-op threads")
     p.add_argument("--decode-steps", type=int, default=64)
+    p.add_argument("--decoding-into", metavar="FILE",
+                   help="measure decoding only and replace the decoding rows of the result JSON FILE")
     p.add_argument("--sweep-worker", help=argparse.SUPPRESS)
     p.add_argument("--memory-worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -367,6 +378,15 @@ def main(argv=None) -> int:
 
     THREADS = args.threads
     torch.set_num_threads(THREADS)
+    if args.decoding_into:
+        with open(args.decoding_into) as f:
+            result = json.load(f)
+        result["decoding"] = decoding((1024, 4096, 16384), args.decode_steps)
+        result["decoding_command"] = " ".join([os.path.basename(sys.executable)] + sys.argv)
+        result["decoding_date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        with open(args.decoding_into, "w") as f:
+            f.write(json.dumps(result, indent=1) + "\n")
+        return 0
     deadline = time.time() + 60 * args.max_minutes
     methods = [m for m in args.methods if available(m)]
     lengths = args.lengths or (QUICK_LENGTHS if args.quick else FULL_LENGTHS)
