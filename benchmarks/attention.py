@@ -54,6 +54,7 @@ import sys
 import time
 
 import torch
+from common import emit_json
 
 B, H, D, DV, M = 1, 8, 64, 64, 256
 THREADS = 2
@@ -434,12 +435,7 @@ def main(argv=None) -> int:
             row["fraction_of_matmul"] = row["gflops"] / result["matmul_gflops"]
     contexts = (16, 32) if args.quick else (1024, 4096, 16384)
     result["decoding"] = decoding(contexts, 5 if args.quick else args.decode_steps)
-    text = json.dumps(result, indent=1)
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(text + "\n")
-    else:
-        print(text)
+    emit_json(result, args.json)
     return 0
 
 

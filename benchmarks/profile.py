@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 import favor
+from common import median_time
 
 B, H, D, DV, M = 1, 8, 64, 64, 256
 
@@ -45,16 +44,6 @@ def _gemm_dims(op: str, shapes: list) -> tuple[int, int, int, int] | None:
         return None
 
 
-def _median_time(fn, repeats: int = 15) -> float:
-    fn()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
-
-
 def gemm_rates(events) -> list[dict]:
     """Every GEMM event group: calls, self time, GFLOP/s in the kernel and alone."""
     out = []
@@ -67,7 +56,7 @@ def gemm_rates(events) -> list[dict]:
         b, m, k, n = dims
         flops = 2.0 * b * m * k * n
         a, c = torch.randn(b, m, k), torch.randn(b, k, n)
-        alone = _median_time(lambda: torch.bmm(a, c))
+        alone = median_time(lambda: torch.bmm(a, c), 15)
         self_s = e.self_cpu_time_total / 1e6
         out.append({"op": e.key, "shapes": [b, m, k, n], "calls": e.count, "self_ms": self_s * 1e3,
                     "kernel_gflops": flops * e.count / self_s / 1e9, "alone_gflops": flops / alone / 1e9})
@@ -76,7 +65,7 @@ def gemm_rates(events) -> list[dict]:
 
 def matmul_rate(n: int = 2048) -> float:
     a, b = torch.randn(n, n), torch.randn(n, n)
-    return 2 * n ** 3 / _median_time(lambda: a @ b, 7) / 1e9
+    return 2 * n ** 3 / median_time(lambda: a @ b, 7) / 1e9
 
 
 def main(argv=None) -> int:

@@ -35,12 +35,12 @@ Estimators (x = q/d^¼, y = k/d^¼; "orthogonal" = Haar blocks of d rows with ch
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
 
 import torch
+from common import emit_json
 
 from favor.approx import _generator, draw_inputs
 from favor.feature_maps import oprf_parameter, oprf_parameter_from_rho
@@ -236,12 +236,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     result = run(args.estimators.split(","), seeds=args.seeds, length=args.length, dim=args.dim,
                  sigma=args.sigma, budget=args.budget, model=args.model)
-    text = json.dumps(result, indent=1)
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(text + "\n")
-    else:
-        print(text)
+    emit_json(result, args.json)
     return 0
 
 
