@@ -93,3 +93,15 @@ def test_variance_cuts_unbiased_estimators_average_to_the_kernel():
         rel = ((draws.mean(0) - exact) / exact).abs().max()
         spread = (draws.std(0) / exact).max()
         assert rel < 4 * spread / 400 ** 0.5 + 1e-3, (name, float(rel), float(spread))
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_profile_smoke_run_splits_gemm_time(tmp_path, causal):
+    """benchmarks/profile.py on a tiny case: JSON with the GEMM share and per-shape GEMM rates."""
+    out = tmp_path / "prof.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "profile.py"), "--L", "128", "--backward", "--json", str(out)]
+    subprocess.run(cmd + (["--causal"] if causal else []), check=True, timeout=300, capture_output=True)
+    prof = json.loads(out.read_text())
+    assert 0 < prof["gemm_share"] < 1 and prof["gemm_self_ms"] > 0
+    assert prof["gemms"] and all(g["kernel_gflops"] > 0 and g["alone_gflops"] > 0 for g in prof["gemms"])
+    assert prof["top"] and prof["matmul_2048_gflops"] > 0
