@@ -11,7 +11,10 @@ logits.  Here the features are computed block by block (n rows at a time) and ne
 :class:`torch.autograd.Function` s below save only the inputs, the output, the denominators,
 per-row log scales and O(M·Dv) states, and recompute the features of each block in backward.
 This bounds the extra memory by O(L·(d + Dv) + n·M) and keeps each elementwise pass over a block
-inside the cache.  The maths is the same as :mod:`favor.linear` (same stabilisers, same
+inside the cache.  Every block's temporaries live in :class:`_Scratch` buffers allocated once per
+call, and the queries and keys arrive unscaled: each block is multiplied by root = √scale while
+it is copied into its buffer (input gradients use root·W), so no scaled copy of q or k exists.
+The maths is the same as :mod:`favor.linear` (same stabilisers, same
 :class:`favor.linear.FavorState` convention); ``tests/test_autograd.py`` checks outputs and all
 gradients against :mod:`favor.reference` in float64 and runs ``gradcheck``.
 
