@@ -10,7 +10,9 @@ whether E[φ(x)ᵀφ(y)] = exp(xᵀy) exactly (``unbiased``) and how many output
 
 Estimators (x = q/d^¼, y = k/d^¼; "orthogonal" = Haar blocks of d rows with chi row norms):
 
-* ``positive``, ``oprf``, ``hyperbolic_oprf``: favor's feature maps on orthogonal projections.
+* ``positive``, ``oprf``, ``hyperbolic_oprf``: favor's feature maps on orthogonal projections;
+  ``hyperbolic_oprf*κ`` uses κ times FAVOR++'s closed-form A (unbiased for every A < 0): is the
+  closed form, which minimises the kernel's variance, also best for the output error?
 * ``hyperbolic_oprf`` on better-balanced projections, each row still exactly Gaussian in law:
   ``hadamard`` (favor's structured ORF), ``mub`` (pairs of mutually unbiased bases R and HR/√d,
   H the Sylvester Hadamard matrix, R Haar), ``simplex`` (d unit vectors of a regular simplex,
@@ -46,7 +48,8 @@ from favor.approx import _generator, draw_inputs
 from favor.feature_maps import oprf_parameter, oprf_parameter_from_rho
 from favor.projections import _haar_orthogonal_block, hadamard_orthogonal_matrix
 
-DEFAULT_ESTIMATORS = ("positive", "oprf", "hyperbolic_oprf", "hyperbolic_oprf/hadamard", "hyperbolic_oprf/mub",
+DEFAULT_ESTIMATORS = ("positive", "oprf", "hyperbolic_oprf", "hyperbolic_oprf*0.5", "hyperbolic_oprf*1.5",
+                      "hyperbolic_oprf/hadamard", "hyperbolic_oprf/mub",
                       "hyperbolic_oprf/simplex", "hyperbolic_oprf/stratified", "hyperbolic_oprf/sqrt_d",
                       "hyperbolic_sderf", "oprf_control", "maclaurin", "taylor2", "taylor1_exact")
 BIASED = {"hyperbolic_oprf/sqrt_d", "taylor2", "taylor1_exact"}
@@ -116,6 +119,8 @@ def kernel_matrix(name: str, x: torch.Tensor, y: torch.Tensor, budget: int, g: t
     """(L, L) estimate of exp(x_i·y_j) by estimator ``name`` with ``budget`` output features."""
     d = x.shape[-1]
     kind, _, proj_kind = name.partition("/")
+    kind, _, a_scale = kind.partition("*")
+    a_scale = float(a_scale) if a_scale else 1.0
     t = x @ y.T
     if kind in ("positive", "oprf"):
         w = projection("orthogonal", budget, d, g)
@@ -124,7 +129,7 @@ def kernel_matrix(name: str, x: torch.Tensor, y: torch.Tensor, budget: int, g: t
     if kind == "hyperbolic_oprf":
         w = projection(proj_kind or "orthogonal", budget // 2, d, g)
         w = torch.cat((w, -w))
-        a = float(oprf_parameter(x, y))
+        a = a_scale * float(oprf_parameter(x, y))
         return _gerf(x, w, a) @ _gerf(y, w, a).T / w.shape[0]
     if kind == "hyperbolic_sderf":
         n = x.shape[0]
