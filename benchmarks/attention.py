@@ -1,8 +1,15 @@
-"""Speed and memory of FAVOR+ attention against exact attention and the peers, on CPU.
+"""Speed and memory of FAVOR+ attention against exact attention and the peers, on CPU (or CUDA).
 
-    python benchmarks/attention.py --json out.json            # full sweep (~15 min on 2 cores)
+    python benchmarks/attention.py --json out.json            # full sweep (~20 min on 2 cores)
     python benchmarks/attention.py --quick --json out.json    # smoke run (seconds)
     python benchmarks/plot.py out.json                        # figures for docs/benchmarks.md
+    python benchmarks/attention.py --device cuda --dtype bfloat16 --methods favor sdpa --json gpu.json
+
+On CUDA (``--device cuda``; untested so far: no session of this project has had a GPU yet) every
+timed call ends with ``torch.cuda.synchronize()``, memory is the peak of
+``torch.cuda.max_memory_allocated`` above what was allocated before the call, and the matmul
+reference is an 8192³ GEMM in the same dtype.  ``--dtype bfloat16`` runs every method on bf16
+inputs (favor accumulates its features and states in float32 regardless).
 
 Cases are declarative (:func:`cases`): method × direction (bidirectional | causal) × mode
 (fwd | fwd+bwd) × L.  Shapes B=1, H=8, d=Dv=64, M=256 features, float32, 2 threads.
@@ -58,6 +65,9 @@ from common import emit_json
 
 B, H, D, DV, M = 1, 8, 64, 64, 256
 THREADS = 2
+DEVICE = "cpu"
+DTYPE = "float32"
+DTYPES = ("float32", "bfloat16", "float16")
 DIRECTIONS = ("bidirectional", "causal")
 MODES = ("fwd", "fwd+bwd")
 # in the order they run (the targets' methods first; the run may stop at --max-minutes)
@@ -83,7 +93,21 @@ def cases(methods, lengths):
 # methods: each builder returns fn(q, k, v) -> out on (B, H, L, d) tensors
 
 
+def configure(threads: int, device: str, dtype: str) -> None:
+    """Set the run's threads, device and dtype (in the main process and in every worker)."""
+    global THREADS, DEVICE, DTYPE
+    THREADS, DEVICE, DTYPE = threads, device, dtype
+    torch.set_num_threads(threads)
+
+
+def _sync() -> None:
+    if DEVICE != "cpu":
+        torch.cuda.synchronize()
+
+
 def available(method: str) -> bool:
+    if DEVICE != "cpu" and method in ("fast-transformers", "performer-pytorch+ft"):
+        return False  # their CUDA kernels are not part of this benchmark's set-up (shared/PEERS.md)
     try:
         if method.startswith("performer-pytorch"):
             import performer_pytorch  # noqa: F401
@@ -99,12 +123,12 @@ def build(method: str, causal: bool):
     if method == "favor":
         import favor
 
-        w = favor.gaussian_orthogonal_matrix(M, D, generator=g)
+        w = favor.gaussian_orthogonal_matrix(M, D, generator=g).to(DEVICE)
         return lambda q, k, v: favor.favor_attention(q, k, v, w, is_causal=causal)
     if method == "favor-generic":
         import favor
 
-        w = favor.gaussian_orthogonal_matrix(M, D, generator=g)
+        w = favor.gaussian_orthogonal_matrix(M, D, generator=g).to(DEVICE)
         root = D ** -0.25
 
         def generic(q, k, v):
@@ -124,7 +148,7 @@ def build(method: str, causal: bool):
         attn = performer_pytorch.FastAttention(dim_heads=D, nb_features=M, causal=causal)
         if method.endswith("+ft"):
             attn.causal_linear_fn = performer_pytorch.performer_pytorch.causal_linear_attention
-        return attn
+        return attn.to(DEVICE)
     if method == "fast-transformers":
         from fast_transformers.attention import CausalLinearAttention
         from fast_transformers.feature_maps import Favor
@@ -146,11 +170,10 @@ def build(method: str, causal: bool):
 
 
 def make_inputs(L: int, grad: bool, seed: int = 0):
+    """q, k, v (B, H, L, d) and an upstream gradient, drawn on the CPU, on the run's device/dtype."""
     g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, H, L, D, generator=g)
-    k = torch.randn(B, H, L, D, generator=g)
-    v = torch.randn(B, H, L, DV, generator=g)
-    up = torch.randn(B, H, L, DV, generator=g)
+    dtype = getattr(torch, DTYPE)
+    q, k, v, up = (torch.randn(B, H, L, n, generator=g).to(DEVICE, dtype) for n in (D, D, DV, DV))
     for t in (q, k, v):
         t.requires_grad_(grad)
     return q, k, v, up
@@ -162,11 +185,13 @@ def runner(fn, mode, q, k, v, up):
         def go():
             with torch.no_grad():
                 fn(q, k, v)
+            _sync()
     else:
         def go():
             for t in (q, k, v):
                 t.grad = None
             fn(q, k, v).backward(up)
+            _sync()
     return go
 
 
@@ -201,6 +226,11 @@ def measure_memory(method, direction, mode, L) -> float:
     runner(fn, mode, *make_inputs(64, mode == "fwd+bwd"))()  # load code paths
     q, k, v, up = make_inputs(L, mode == "fwd+bwd")
     go = runner(fn, mode, q, k, v, up)
+    if DEVICE != "cpu":
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        go()
+        return (torch.cuda.max_memory_allocated() - before) / 2 ** 20
     before = _status()["VmRSS"]
     reset_peak()
     go()
@@ -209,13 +239,14 @@ def measure_memory(method, direction, mode, L) -> float:
 
 def memory_worker(spec: str) -> None:
     c = json.loads(spec)
-    torch.set_num_threads(c["threads"])
+    configure(c["threads"], c["device"], c["dtype"])
     print(json.dumps({"peak_extra_mib": measure_memory(c["method"], c["direction"], c["mode"], c["L"])}))
 
 
 def memory_in_fresh_process(method, direction, mode, L) -> float:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    spec = json.dumps({"method": method, "direction": direction, "mode": mode, "L": L, "threads": THREADS})
+    spec = json.dumps({"method": method, "direction": direction, "mode": mode, "L": L, "threads": THREADS,
+                       "device": DEVICE, "dtype": DTYPE})
     res = subprocess.run([sys.executable, __file__, "--memory-worker", spec], env=env,
                          capture_output=True, text=True, check=True)
     return json.loads(res.stdout.strip().splitlines()[-1])["peak_extra_mib"]
@@ -241,7 +272,7 @@ def time_case(go, min_repeats: int, warm: bool, fill: float = 2.0) -> list[float
 def sweep_worker(spec: str) -> None:
     """Time one (method, direction, mode) over increasing L; prints a JSON list."""
     c = json.loads(spec)
-    torch.set_num_threads(c["threads"])
+    configure(c["threads"], c["device"], c["dtype"])
     causal = c["direction"] == "causal"
     fn = build(c["method"], causal)
     results, prev = [], []
@@ -275,14 +306,17 @@ def sweep_worker(spec: str) -> None:
 
 
 def matmul_rate(n: int = 2048, repeats: int = 7) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+    """GFLOP/s of an n³ GEMM on the run's device and dtype (median of ``repeats``)."""
+    a, b = (torch.randn(n, n).to(DEVICE, getattr(torch, DTYPE)) for _ in range(2))
+
+    def go():
         a @ b
-        ts.append(time.perf_counter() - t0)
-    return 2 * n ** 3 / statistics.median(ts) / 1e9
+        _sync()
+
+    # at least one timed run, more (up to ``repeats``) while they total under 5 s: a bf16 GEMM on
+    # a CPU without bf16 units is slow
+    times = time_case(go, 1, warm=True, fill=5.0)[:repeats]
+    return 2 * n ** 3 / statistics.median(times) / 1e9
 
 
 # ------------------------------------------------------------------------------------------------
@@ -298,7 +332,7 @@ def decoding(contexts, steps: int) -> list[dict]:
 
     rows = []
     g = torch.Generator().manual_seed(0)
-    w = favor.gaussian_orthogonal_matrix(M, D, generator=g)
+    w = favor.gaussian_orthogonal_matrix(M, D, generator=g).to(DEVICE)
     states = {}
     with torch.no_grad():
         for ctx in contexts:
@@ -310,6 +344,7 @@ def decoding(contexts, steps: int) -> list[dict]:
             for ctx in contexts:
                 t0 = time.perf_counter()
                 _, states[ctx] = favor.favor_attention_step(qt, kt, vt, w, states[ctx])
+                _sync()
                 times[ctx].append(time.perf_counter() - t0)
     for ctx in contexts:
         rows.append({"method": "favor_attention_step", "context": ctx, "per_token_s": statistics.median(times[ctx][1:])})
@@ -322,14 +357,15 @@ def decoding(contexts, steps: int) -> list[dict]:
         cfg = PerformerConfig(vocab_size=256, d_model=H * D, n_heads=H, n_layers=1, max_len=ctx + steps + 2,
                               nb_features=M, chunk_size=64)
         torch.manual_seed(0)
-        model = PerformerLM(cfg).eval()
-        prompt = torch.randint(0, 256, (B, ctx), generator=g)
+        model = PerformerLM(cfg).to(DEVICE).eval()
+        prompt = torch.randint(0, 256, (B, ctx), generator=g).to(DEVICE)
         streams[ctx] = model.generate_stream(prompt, steps + 1, temperature=0.0)
         next(streams[ctx])  # the prompt pass and the first token
     for _ in range(steps):
         for ctx in contexts:
             t0 = time.perf_counter()
             next(streams[ctx])
+            _sync()
             times[ctx].append(time.perf_counter() - t0)
     for ctx in contexts:
         rows.append({"method": "PerformerLM.generate_stream (1 layer, d_model=512)", "context": ctx,
@@ -347,12 +383,13 @@ def machine() -> dict:
         cpu = re.search(r"Model name:\s+(.*)", out).group(1).strip()
     except (OSError, AttributeError):
         pass
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     return {"cpu": cpu, "cores": os.cpu_count(), "threads": THREADS, "torch": torch.__version__,
-            "python": platform.python_version(), "gpu": torch.cuda.is_available()}
+            "python": platform.python_version(), "gpu": torch.cuda.is_available(), "gpu_name": gpu,
+            "device": DEVICE}
 
 
 def main(argv=None) -> int:
-    global THREADS
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--json", required=False, help="write results here (else stdout)")
     p.add_argument("--quick", action="store_true", help="small smoke sweep in one process")
@@ -364,6 +401,8 @@ def main(argv=None) -> int:
                    help="full mode: skip what would end after this many minutes (whole run)")
     p.add_argument("--min-repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2, help="intra-op threads")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help="dtype of q, k, v for every method")
     p.add_argument("--decode-steps", type=int, default=64)
     p.add_argument("--decoding-into", metavar="FILE",
                    help="measure decoding only and replace the decoding rows of the result JSON FILE")
@@ -377,8 +416,9 @@ def main(argv=None) -> int:
         memory_worker(args.memory_worker)
         return 0
 
-    THREADS = args.threads
-    torch.set_num_threads(THREADS)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    configure(args.threads, args.device, args.dtype)
     if args.decoding_into:
         with open(args.decoding_into) as f:
             result = json.load(f)
@@ -388,21 +428,26 @@ def main(argv=None) -> int:
         with open(args.decoding_into, "w") as f:
             f.write(json.dumps(result, indent=1) + "\n")
         return 0
-    deadline = time.time() + 60 * args.max_minutes
     methods = [m for m in args.methods if available(m)]
     lengths = args.lengths or (QUICK_LENGTHS if args.quick else FULL_LENGTHS)
     result = {
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(),
-        "shape": {"B": B, "H": H, "d": D, "Dv": DV, "M": M, "dtype": "float32"},
+        "shape": {"B": B, "H": H, "d": D, "Dv": DV, "M": M, "dtype": DTYPE},
         "quick": args.quick,
         "unavailable": [m for m in args.methods if m not in methods],
-        "matmul_gflops": matmul_rate(1024 if args.quick else 2048, 3 if args.quick else 7),
-        "memory_method": ("in-process, VmHWM reset via /proc/self/clear_refs" if args.quick else
+        # the reference GEMM: 8192³ on a GPU, 2048³ on a CPU (1024³ for bf16/fp16, which CPUs without
+        # bf16 units run at ~1 GFLOP/s)
+        "matmul_gflops": matmul_rate(1024 if args.quick or (DEVICE == "cpu" and DTYPE != "float32") else
+                                     8192 if DEVICE != "cpu" else 2048, 3 if args.quick else 7),
+        "memory_method": ("torch.cuda.max_memory_allocated above the allocation before the call"
+                          + ("" if args.quick else ", fresh process per case") if DEVICE != "cpu" else
+                          "in-process, VmHWM reset via /proc/self/clear_refs" if args.quick else
                           "fresh process per case, MALLOC_MMAP_THRESHOLD_=65536, VmHWM reset"),
         "cases": [],
     }
+    deadline = time.time() + 60 * args.max_minutes  # the sweeps' clock starts after the reference GEMM
     for c in cases(methods, lengths):
         if args.quick:
             fn = build(c["method"], c["direction"] == "causal")
@@ -417,7 +462,7 @@ def main(argv=None) -> int:
                                         "gflop": f / 1e9, "gflops": f / med / 1e9, "peak_extra_mib": mem})
             continue
         spec = json.dumps(dict(c, budget=args.budget, min_repeats=args.min_repeats, deadline=deadline,
-                               threads=THREADS))
+                               threads=THREADS, device=DEVICE, dtype=DTYPE))
         res = subprocess.run([sys.executable, __file__, "--sweep-worker", spec], capture_output=True,
                              text=True)
         sys.stderr.write(res.stderr)

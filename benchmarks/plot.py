@@ -54,7 +54,8 @@ def plot(result: dict, key: str, ylabel: str, path: str) -> None:
     fig.legend([handles[mth] for mth in order], order, loc="lower center", ncol=len(order), fontsize=8,
                frameon=False)
     m = result["machine"]
-    fig.suptitle(f"B=1, H=8, d=64, M=256, float32, {m['threads']} threads on {m['cpu']} "
+    where = (f"{m['gpu_name']}" if m.get("device", "cpu") != "cpu" else f"{m['threads']} threads on {m['cpu']}")
+    fig.suptitle(f"B=1, H=8, d=64, M=256, {result['shape']['dtype']}, {where} "
                  f"(matmul {result['matmul_gflops']:.0f} GFLOP/s); {result['date']}", fontsize=9)
     fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=110)

@@ -105,3 +105,13 @@ def test_profile_smoke_run_splits_gemm_time(tmp_path, causal):
     assert 0 < prof["gemm_share"] < 1 and prof["gemm_self_ms"] > 0
     assert prof["gemms"] and all(g["kernel_gflops"] > 0 and g["alone_gflops"] > 0 for g in prof["gemms"])
     assert prof["top"] and prof["matmul_2048_gflops"] > 0
+
+
+def test_quick_run_in_bfloat16_records_the_dtype(tmp_path):
+    """--dtype bfloat16 (meant for GPUs; runs on CPU too): every case finite, the dtype recorded."""
+    out = tmp_path / "bf16.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "attention.py"), "--quick", "--methods", "favor",
+                    "sdpa", "--dtype", "bfloat16", "--json", str(out)], check=True, timeout=300, capture_output=True)
+    result = json.loads(out.read_text())
+    assert result["shape"]["dtype"] == "bfloat16" and result["machine"]["device"] == "cpu"
+    assert result["cases"] and all(c["status"] == "ok" and math.isfinite(c["median_s"]) for c in result["cases"])
