@@ -87,8 +87,10 @@ def main(corpus_dir: str, out_dir: str) -> None:
         except RankMismatchError as exc:
             report["mismatch_error"] = str(exc)
         (out / f"rank{ctx.rank}.json").write_text(json.dumps(report))
-    finally:
+    except BaseException:
         shutdown(ctx)
+        raise
+    shutdown(ctx, synchronize=True)
 
 
 if __name__ == "__main__":

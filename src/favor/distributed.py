@@ -173,10 +173,17 @@ def init_distributed(backend: str = "auto", *, timeout_s: float = DEFAULT_TIMEOU
     return DistContext(where["rank"], where["world_size"], where["local_rank"], name, device)
 
 
-def shutdown(ctx: DistContext) -> None:
-    """Leave the process group, if ``ctx`` started one.  No barrier: a rank that failed must be
-    able to exit (torchrun then stops the others)."""
+def shutdown(ctx: DistContext, *, synchronize: bool = False) -> None:
+    """Leave the process group, if ``ctx`` started one.
+
+    ``synchronize=True`` (for a rank that finished its work) first waits at a barrier, so that no
+    rank tears its connections down while another is still in a collective or in its own
+    teardown (gloo could then abort the slower rank: "terminate called without an active
+    exception").  A rank that failed calls it without: it must be able to exit on its own
+    (torchrun then stops the others)."""
     if ctx.distributed and dist.is_initialized():
+        if synchronize:
+            dist.barrier()
         dist.destroy_process_group()
 
 

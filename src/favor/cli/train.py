@@ -149,10 +149,12 @@ def run(args: argparse.Namespace) -> int:
     if args.nproc != 1:  # relaunch this command under torchrun
         return launch(["train", *command_line(args._parser, args, drop=("nproc",))], args.nproc)
     dist_ctx = init_distributed(args.backend)  # single-process context outside torchrun
+    code = None
     try:
-        return _run(args, dist_ctx)
+        code = _run(args, dist_ctx)
+        return code
     finally:
-        shutdown(dist_ctx)
+        shutdown(dist_ctx, synchronize=code == 0)
 
 
 def _run(args: argparse.Namespace, dist_ctx: Any) -> int:
