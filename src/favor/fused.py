@@ -145,16 +145,15 @@ def _values_with_ones(v: torch.Tensor, s: int, e: int, scratch: _Scratch) -> tor
     return v1
 
 
-def _logits(x: torch.Tensor, spec: FeatureSpec, out: torch.Tensor | None = None) -> torch.Tensor:
-    """x (G, n, d) -> x·Wᵀ + b (G, n, M), written to ``out`` (contiguous) or a fresh tensor
-    (callers modify it in place)."""
+def _logits(x: torch.Tensor, spec: FeatureSpec, out: torch.Tensor) -> torch.Tensor:
+    """x (G, n, d) -> x·Wᵀ + b (G, n, M), written to ``out`` (a contiguous scratch tensor, which
+    callers then modify in place)."""
     w = spec.weight
     if w is None:
-        u = x.clone() if out is None else out.copy_(x)
+        u = out.copy_(x)
     elif w.dim() == 2:  # one (G·n, d) @ (d, M) GEMM, not a batched one with an expanded W
         G, n, d = x.shape
-        M = w.shape[0]
-        u = torch.mm(x.reshape(G * n, d), w.T, out=None if out is None else out.view(G * n, M)).view(G, n, M)
+        u = torch.mm(x.reshape(G * n, d), w.T, out=out.view(G * n, w.shape[0])).view(G, n, w.shape[0])
     else:
         u = torch.bmm(x, w.transpose(1, 2), out=out)
     if spec.bias is not None:
@@ -178,10 +177,9 @@ def _activation_grad(g: torch.Tensor, u: torch.Tensor, psi: torch.Tensor, spec: 
     return g.mul_(psi.clamp(max=1.0))
 
 
-def _query_features(x: torch.Tensor, spec: FeatureSpec, shift: torch.Tensor | None = None,
-                    out: torch.Tensor | None = None):
-    """ψ_q (G, n, M) (in ``out`` when given) and, for exp, the row max used as shift (G, n) (or
-    the given shift).  Returns (psi, pre-activation or None, shift)."""
+def _query_features(x: torch.Tensor, spec: FeatureSpec, shift: torch.Tensor | None, out: torch.Tensor):
+    """ψ_q (G, n, M) in ``out`` and, for exp, the row max used as shift (G, n) (or the given
+    shift).  Returns (psi, pre-activation or None, shift)."""
     u = _logits(x, spec, out)
     if spec.kind != "exp":
         pre = u.clone() if spec.kind == "relu" else None  # relu's derivative needs the sign of u
@@ -205,12 +203,10 @@ def _key_log_scales(u_rowmax: torch.Tensor, y: torch.Tensor, spec: FeatureSpec,
 
 
 
-def _upstream(gout: torch.Tensor, out: torch.Tensor, den: torch.Tensor,
-              into: torch.Tensor | None = None) -> torch.Tensor:
+def _upstream(gout: torch.Tensor, out: torch.Tensor, den: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """Gradient wrt the unnormalised [numerator, denominator] (G, n, V1) from ∂L/∂out (G, n, Dv),
-    written to ``into`` when given."""
+    written to ``g``."""
     Dv = gout.shape[-1]
-    g = torch.empty(*gout.shape[:-1], Dv + 1, dtype=gout.dtype, device=gout.device) if into is None else into
     g[..., :Dv].copy_(gout)
     g[..., Dv] = -(gout * out).sum(-1)
     g.div_(safe_denominator(den).unsqueeze(-1))
@@ -322,7 +318,7 @@ def _bidir_forward(x, y, v, spec, mask, rows, root):
     hq = torch.empty(G, Lq, dtype=x.dtype, device=x.device) if spec.kind == "exp" else None
     for s, e in _blocks(Lq, rows):
         xb = _rows_of(x, s, e, scratch, "x", root)
-        psi, _, shift = _query_features(xb, spec, out=scratch("u", G, e - s, M))
+        psi, _, shift = _query_features(xb, spec, None, scratch("u", G, e - s, M))
         o = torch.bmm(psi, kv, out=scratch("o", G, e - s, Dv + 1))  # (G, n, V1)
         den[:, s:e] = o[..., -1]
         out[:, s:e] = o[..., :Dv] / safe_denominator(o[..., -1]).unsqueeze(-1)
@@ -429,7 +425,7 @@ def _causal_block(xb, yb, spec, mb, C, r_prev, scratch, with_intra=True) -> _Cau
     nc = n // C
     device = xb.device
     M = _num_features(spec, d)
-    psi_q, pre_q, _ = _query_features(xb, spec, out=scratch("uq", G, n, M))
+    psi_q, pre_q, _ = _query_features(xb, spec, None, scratch("uq", G, n, M))
     uk = _logits(yb, spec, scratch("uk", G, n, M))
     if spec.kind == "exp":
         mk = uk.amax(-1)  # (G, n)
@@ -517,33 +513,30 @@ def _bmm4(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> 
     return res.view(G, nc, p, r)
 
 
-def _prefix_states(S0: torch.Tensor, kvc: torch.Tensor, decay: torch.Tensor,
-                   out: torch.Tensor | None = None):
+def _prefix_states(S0: torch.Tensor, kvc: torch.Tensor, decay: torch.Tensor, S_before: torch.Tensor):
     """States before each chunk, and after the last: S_0 = S0, S_{n+1} = decay_n·S_n + kvc_n.
 
     S0 (G, M, V1), kvc (G, nc, M, V1) chunk sums relative to finite(r_end[n]), decay (G, nc)
-    -> (G, nc, M, V1) (in ``out`` when given) with S_n relative to finite(r_before[n]), and S_nc
+    -> S_before (G, nc, M, V1), filled in, with S_n relative to finite(r_before[n]), and S_nc
     (G, M, V1)."""
     G, nc = decay.shape
-    S_before = torch.empty_like(kvc) if out is None else out
     S_before[:, 0] = S0
     for n in range(nc - 1):  # (no out= into the strided slice: torch.compile cannot trace that)
         S_before[:, n + 1] = torch.addcmul(kvc[:, n], S_before[:, n], decay[:, n, None, None])
     return S_before, torch.addcmul(kvc[:, nc - 1], S_before[:, nc - 1], decay[:, nc - 1, None, None])
 
 
-def _suffix_states(P: torch.Tensor, after: torch.Tensor, decay: torch.Tensor,
-                   out: torch.Tensor | None = None):
+def _suffix_states(P: torch.Tensor, after: torch.Tensor, decay: torch.Tensor, Gst: torch.Tensor):
     """Reverse scan of the backward pass.
 
     P (G, nc, M, V1): Σ over the queries t of chunk n of carry_t·ψ_q[t]·g_tᵀ (relative to
     finite(r_before[n])); after (G, M, V1): the same sum over all later blocks, relative to
-    finite(r_end[nc − 1]); decay (G, nc) as in the forward scan.  Returns Gst (G, nc, M, V1), the
-    sum over all queries after chunk n relative to finite(r_end[n]), and the sum over all queries
-    of this block and later ones relative to finite(r_before[0]) (the previous block's ``after``).
+    finite(r_end[nc − 1]); decay (G, nc) as in the forward scan.  Fills and returns Gst
+    (G, nc, M, V1), the sum over all queries after chunk n relative to finite(r_end[n]), and the
+    sum over all queries of this block and later ones relative to finite(r_before[0]) (the
+    previous block's ``after``).
     """
     G, nc = decay.shape
-    Gst = torch.empty_like(P) if out is None else out
     Gst[:, nc - 1] = after  # rel. to r_end[nc - 1]
     for n in range(nc - 1, 0, -1):  # rel. to r_before[n] = r_end[n - 1]
         Gst[:, n - 1] = torch.addcmul(P[:, n], Gst[:, n], decay[:, n, None, None])
