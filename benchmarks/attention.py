@@ -61,9 +61,7 @@ import sys
 import time
 
 import torch
-from common import emit_json
-
-B, H, D, DV, M = 1, 8, 64, 64, 256
+from common import B, D, DV, H, M, emit_json
 THREADS = 2
 DEVICE = "cpu"
 DTYPE = "float32"

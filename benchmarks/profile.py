@@ -21,9 +21,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import favor
-from common import median_time
-
-B, H, D, DV, M = 1, 8, 64, 64, 256
+from common import favor_case, median_time
 
 
 GEMM_OPS = ("aten::mm", "aten::bmm", "aten::baddbmm_", "aten::baddbmm")
@@ -78,9 +76,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="write the rows here")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    g = torch.Generator().manual_seed(0)
-    w = favor.gaussian_orthogonal_matrix(M, D, generator=g)
-    q, k, v, up = (torch.randn(B, H, args.L, D, generator=g) for _ in range(4))
+    w, q, k, v, up = favor_case(args.L)
     for t in (q, k, v):
         t.requires_grad_(args.backward)
 

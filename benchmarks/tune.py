@@ -16,10 +16,8 @@ import sys
 import torch
 
 import favor
-from common import median_time
+from common import favor_case, median_time
 from favor import fused
-
-B, H, D, DV, M = 1, 8, 64, 64, 256
 
 
 def main(argv=None) -> int:
@@ -32,9 +30,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="write the rows here")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    g = torch.Generator().manual_seed(0)
-    w = favor.gaussian_orthogonal_matrix(M, D, generator=g)
-    q, k, v, up = (torch.randn(B, H, args.L, D, generator=g) for _ in range(4))
+    w, q, k, v, up = favor_case(args.L)
     qg, kg, vg = (t.clone().requires_grad_(True) for t in (q, k, v))
     rows = []
     default_rows = fused.BLOCK_ROWS
