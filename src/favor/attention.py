@@ -104,35 +104,38 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _causal_oprf_parameter(
-    x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None, previous: torch.Tensor | None
+    q: torch.Tensor, k: torch.Tensor, root: float, mask: torch.Tensor | None, previous: torch.Tensor | None
 ) -> torch.Tensor:
     """Causal FAVOR++ parameter A (B, H): fixed by the first present token of the whole sequence
-    (its query and key), so it is constant over the sequence and no output depends on a later token.
+    (its scaled query root·q and key root·k), so it is constant over the sequence and no output
+    depends on a later token.
 
     ``previous`` is the A carried in the state of the preceding pieces; NaN marks rows where no
     token was present yet (their outputs are 0 whatever A is), to be fixed by this piece.
     """
-    B, H, L, d = x.shape
-    present = torch.ones(B, L, dtype=torch.bool, device=x.device) if mask is None else mask
+    B, H, L, d = q.shape
+    present = torch.ones(B, L, dtype=torch.bool, device=q.device) if mask is None else mask
     if L == 0:
-        fresh = torch.full((B, H), float("nan"), dtype=x.dtype, device=x.device)
+        fresh = torch.full((B, H), float("nan"), dtype=q.dtype, device=q.device)
     else:
         first = present.to(torch.int8).argmax(dim=1)  # (B,) index of the first True
         idx = first.view(-1, 1, 1, 1).expand(-1, H, 1, d)
-        fresh = oprf_parameter(x.gather(2, idx), y.gather(2, idx))  # (B, H)
+        fresh = oprf_parameter(q.gather(2, idx) * root, k.gather(2, idx) * root)  # (B, H)
         fresh = fresh.masked_fill(~present.any(dim=1, keepdim=True), float("nan"))
     if previous is None:
         return fresh
     return torch.where(torch.isnan(previous), fresh, previous)
 
 
-def _bidirectional_oprf_parameter(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Bidirectional FAVOR++ parameter A (B, H) from all present (query, key) pairs.
+def _bidirectional_oprf_parameter(q: torch.Tensor, k: torch.Tensor, root: float, mask: torch.Tensor | None) -> torch.Tensor:
+    """Bidirectional FAVOR++ parameter A (B, H) from all present pairs of scaled queries root·q and
+    keys root·k (A is detached, so the scaled copies stay out of the autograd graph).
 
     In self-attention (Lq == Lk) the key padding mask also marks the padded queries, so padding
     content cannot move A (and with it the outputs of the real tokens).  Any A < 0 keeps the
     estimator unbiased, so this choice only affects variance.
     """
+    x, y = q.detach() * root, k.detach() * root
     if mask is None:
         return oprf_parameter(x, y)
     x_mask = mask.unsqueeze(1) if x.shape[2] == y.shape[2] else None
@@ -215,19 +218,14 @@ def favor_attention(
         proj = None if projection is None else projection.to(device=query.device, dtype=cdtype)
         fused = _use_fused(features, kernel, (query, key, value, projection, initial_state), initial_state,
                            return_state)
-        # the fused kernels scale block by block; everything else takes scaled copies
-        x, y = (None, None) if fused else (q * root, k * root)
 
         oprf_a = feature_a = None  # A as carried in the state / as used by the features
         if features in OPRF_FEATURES and kernel == "softmax":
-            if x is None:  # A is detached: no scaled copies in the autograd graph
-                with torch.no_grad():
-                    x, y = q * root, k * root
             if is_causal:
                 previous = None if initial_state is None else initial_state.oprf_a.to(cdtype)
-                oprf_a = _causal_oprf_parameter(x, y, key_padding_mask, previous)
+                oprf_a = _causal_oprf_parameter(q, k, root, key_padding_mask, previous)
             else:
-                oprf_a = _bidirectional_oprf_parameter(x, y, key_padding_mask)  # (B, H)
+                oprf_a = _bidirectional_oprf_parameter(q, k, root, key_padding_mask)  # (B, H)
             # NaN only where no key is present (every output there is 0): any finite A will do
             feature_a = torch.nan_to_num(oprf_a, nan=0.0)
         if initial_state is not None:
@@ -240,6 +238,8 @@ def favor_attention(
             state = None if st is None else FavorState(*st, oprf_a)
             out = out.to(out_dtype)
             return (out, state) if return_state else out
+        # the fused kernels scale block by block; the generic path takes scaled copies
+        x, y = q * root, k * root  # (B, H, L, D)
         fq = feature_map(x, proj, features, kernel=kernel, oprf_a=feature_a)
         fk = feature_map(y, proj, features, kernel=kernel, oprf_a=feature_a)
         k_psi, k_log = fk.psi, fk.log_scale
