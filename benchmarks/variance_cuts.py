@@ -46,7 +46,7 @@ from common import emit_json
 
 from favor.approx import _generator, draw_inputs
 from favor.feature_maps import oprf_parameter, oprf_parameter_from_rho
-from favor.projections import _haar_orthogonal_block, hadamard_orthogonal_matrix
+from favor.projections import _haar_orthogonal_block, gaussian_orthogonal_matrix, hadamard_orthogonal_matrix
 
 DEFAULT_ESTIMATORS = ("positive", "oprf", "hyperbolic_oprf", "hyperbolic_oprf*0.5", "hyperbolic_oprf*1.5",
                       "hyperbolic_oprf/hadamard", "hyperbolic_oprf/mub",
@@ -62,10 +62,6 @@ def _sylvester(n: int) -> torch.Tensor:
     return h
 
 
-def _chi_norms(m: int, d: int, g: torch.Generator) -> torch.Tensor:
-    return torch.randn(m, d, generator=g, dtype=torch.float64).norm(dim=1)
-
-
 def _stratified_chi_norms(m: int, d: int, g: torch.Generator) -> torch.Tensor:
     from scipy.stats import chi  # only this estimator needs scipy (chi quantiles)
 
@@ -74,7 +70,8 @@ def _stratified_chi_norms(m: int, d: int, g: torch.Generator) -> torch.Tensor:
 
 
 def directions(kind: str, m: int, d: int, g: torch.Generator) -> torch.Tensor:
-    """(m, d) unit rows, each uniform on the sphere in law."""
+    """(m, d) unit rows, each uniform on the sphere in law: ``mub`` or ``simplex`` blocks (plain
+    orthogonal directions are favor's ``gaussian_orthogonal_matrix(scaling="sqrt_d")`` / √d)."""
     blocks = []
     if kind == "mub":
         if d & (d - 1):
@@ -90,19 +87,24 @@ def directions(kind: str, m: int, d: int, g: torch.Generator) -> torch.Tensor:
         while sum(b.shape[0] for b in blocks) < m:
             blocks.append(s @ _haar_orthogonal_block(d, g))
     else:
-        while sum(b.shape[0] for b in blocks) < m:
-            blocks.append(_haar_orthogonal_block(d, g))
+        raise ValueError(f"unknown directions {kind!r}; expected 'mub' or 'simplex'")
     return torch.cat(blocks)[:m]
 
 
 def projection(kind: str, m: int, d: int, g: torch.Generator) -> torch.Tensor:
+    """(m, d) float64 projection of kind orthogonal (chi norms), hadamard, sqrt_d, stratified,
+    mub or simplex."""
+    if kind == "orthogonal":
+        return gaussian_orthogonal_matrix(m, d, generator=g, dtype=torch.float64)
     if kind == "hadamard":
         return hadamard_orthogonal_matrix(m, d, generator=g, dtype=torch.float64)
-    if kind == "stratified":
-        return directions("orthogonal", m, d, g) * _stratified_chi_norms(m, d, g).unsqueeze(1)
     if kind == "sqrt_d":
-        return directions("orthogonal", m, d, g) * math.sqrt(d)
-    return directions(kind, m, d, g) * _chi_norms(m, d, g).unsqueeze(1)
+        return gaussian_orthogonal_matrix(m, d, scaling="sqrt_d", generator=g, dtype=torch.float64)
+    if kind == "stratified":
+        unit = gaussian_orthogonal_matrix(m, d, scaling="sqrt_d", generator=g, dtype=torch.float64) / math.sqrt(d)
+        return unit * _stratified_chi_norms(m, d, g).unsqueeze(1)
+    # chi norms drawn as favor draws them: norms of Gaussian rows
+    return directions(kind, m, d, g) * torch.randn(m, d, generator=g, dtype=torch.float64).norm(dim=1).unsqueeze(1)
 
 
 def _gerf(z: torch.Tensor, w: torch.Tensor, a: torch.Tensor | float, basis: torch.Tensor | None = None) -> torch.Tensor:
