@@ -111,8 +111,9 @@ class _Scratch:
     """Flat scratch tensors reused by every block of one call, each viewed to the block's shape.
 
     Allocating the multi-MB (G, n, M) temporaries afresh for every block costs page faults and
-    cache misses (glibc serves large blocks from fresh mmaps); reusing one buffer per name made the
-    GEMM that computes the logits ~1.4× faster in the kernels (docs/benchmarks.md).  A view is
+    cache misses (glibc serves large blocks from fresh mmaps); with one buffer per name the GEMM
+    that computes the logits runs at its standalone rate instead of about half of it
+    (docs/benchmarks.md, "Scratch buffers").  A view is
     only valid until the next request of the same name: results that outlive a block are never
     scratch.
     """
