@@ -113,9 +113,8 @@ class _Scratch:
     Allocating the multi-MB (G, n, M) temporaries afresh for every block costs page faults and
     cache misses (glibc serves large blocks from fresh mmaps); with one buffer per name the GEMM
     that computes the logits runs at its standalone rate instead of about half of it
-    (docs/benchmarks.md, "Scratch buffers").  A view is
-    only valid until the next request of the same name: results that outlive a block are never
-    scratch.
+    (docs/benchmarks.md, "Scratch buffers").  A view is only valid until the next request of the
+    same name: results that outlive a block are never scratch.
     """
 
     def __init__(self, like: torch.Tensor):
