@@ -14,7 +14,7 @@ B, H, D, DV, M = 1, 8, 64, 64, 256
 
 
 def favor_case(L: int):
-    """The projection (M, D) and q, k, v, an upstream gradient (B, H, L, ·) that profile.py and
+    """The projection (M, D) and q, k, v, an upstream gradient (B, H, L, ·) that gemm_profile.py and
     tune.py time favor_attention on, all drawn from one generator seeded 0."""
     import favor
 

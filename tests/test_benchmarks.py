@@ -95,11 +95,36 @@ def test_variance_cuts_unbiased_estimators_average_to_the_kernel():
         assert rel < 4 * spread / 400 ** 0.5 + 1e-3, (name, float(rel), float(spread))
 
 
+def test_variance_cuts_complex_gerf_is_unbiased_and_fits_finite_parameters():
+    """The complex generalised exponential features average to exp(xᵀy) for fixed complex (A, b₁)
+    (i.i.d. ω, 400 draws), and the fitted parameters have a finite second moment (Re A < 1/8)."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import variance_cuts
+    finally:
+        sys.path.pop(0)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 8, generator=g, dtype=torch.float64) * 0.3
+    y = torch.randn(4, 8, generator=g, dtype=torch.float64) * 0.3
+    exact = torch.exp(x @ y.T)
+    a, b1 = variance_cuts.complex_gerf_parameters(x, y)
+    assert a.real < 0.125 and b1.imag != 0  # the fit leaves the real (FAVOR++) line
+    for a, b1 in ((a, b1), (-0.05 + 0.02j, 0.6 + 0.9j)):
+        draws = torch.stack([variance_cuts.complex_gerf_kernel(
+            x, y, torch.randn(128, 8, generator=torch.Generator().manual_seed(s), dtype=torch.float64), a, b1)
+            for s in range(400)])
+        rel = ((draws.mean(0) - exact) / exact).abs().max()
+        spread = (draws.std(0) / exact).max()
+        assert rel < 4 * spread / 400 ** 0.5 + 1e-3, (a, b1, float(rel), float(spread))
+
+
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 def test_profile_smoke_run_splits_gemm_time(tmp_path, causal):
-    """benchmarks/profile.py on a tiny case: JSON with the GEMM share and per-shape GEMM rates."""
+    """benchmarks/gemm_profile.py on a tiny case: JSON with the GEMM share and per-shape GEMM rates."""
     out = tmp_path / "prof.json"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "profile.py"), "--L", "128", "--backward", "--json", str(out)]
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "gemm_profile.py"), "--L", "128", "--backward", "--json", str(out)]
     subprocess.run(cmd + (["--causal"] if causal else []), check=True, timeout=300, capture_output=True)
     prof = json.loads(out.read_text())
     assert 0 < prof["gemm_share"] < 1 and prof["gemm_self_ms"] > 0

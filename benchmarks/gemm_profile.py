@@ -1,7 +1,7 @@
 """Where the time of one favor_attention case goes: torch.profiler's self-CPU time per operator
 and input shape, as JSON (and a short table on stderr).
 
-    python benchmarks/profile.py --L 16384 --causal --backward --json prof.json
+    python benchmarks/gemm_profile.py --L 16384 --causal --backward --json prof.json
 
 The JSON also splits the time into GEMMs (mm/bmm/baddbmm) and everything else, and gives each
 GEMM shape's rate inside the kernel next to the rate of the same GEMM run alone on fresh
