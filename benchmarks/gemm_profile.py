@@ -14,14 +14,13 @@ Same shapes and threads as benchmarks/attention.py (B=1, H=8, d=Dv=64, M=256, fl
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 import favor
-from common import favor_case, median_time
+from common import emit_json, favor_case, median_time
 
 
 GEMM_OPS = ("aten::mm", "aten::bmm", "aten::baddbmm_", "aten::baddbmm")
@@ -73,7 +72,7 @@ def main(argv=None) -> int:
     p.add_argument("--backward", action="store_true", help="profile forward + backward")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--top", type=int, default=15)
-    p.add_argument("--json", help="write the rows here")
+    p.add_argument("--json", help="write the result here (default: print it)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     w, q, k, v, up = favor_case(args.L)
@@ -110,9 +109,7 @@ def main(argv=None) -> int:
     result = {"L": args.L, "causal": args.causal, "backward": args.backward, "threads": args.threads,
               "total_self_ms": total / 1e3, "gemm_self_ms": gemm_ms, "gemm_share": gemm_ms * 1e3 / total,
               "matmul_2048_gflops": square, "gemms": gemms, "top": rows}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+    emit_json(result, args.json)
     return 0
 
 

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import sys
 
 import torch
 
 import favor
-from common import favor_case, median_time
+from common import emit_json, favor_case, median_time
 from favor import fused
 
 
@@ -27,7 +26,7 @@ def main(argv=None) -> int:
     p.add_argument("--chunks", type=int, nargs="+", default=[32, 64, 128])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--json", help="write the rows here")
+    p.add_argument("--json", help="write the result here (default: print it)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     w, q, k, v, up = favor_case(args.L)
@@ -55,9 +54,7 @@ def main(argv=None) -> int:
     finally:
         fused.BLOCK_ROWS = default_rows
     result = {"L": args.L, "threads": args.threads, "rows": rows}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+    emit_json(result, args.json)
     return 0
 
 

@@ -12,6 +12,23 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _variance_cuts():
+    """benchmarks/variance_cuts.py as a module (benchmarks/ is a folder of scripts, not a package)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import variance_cuts
+    finally:
+        sys.path.pop(0)
+    return variance_cuts
+
+
+def _assert_averages_to(draws, exact, label) -> None:
+    """The mean of ``draws`` (n, ·) is within 4 standard errors (+1e-3) of ``exact``, relatively."""
+    rel = ((draws.mean(0) - exact) / exact).abs().max()
+    spread = (draws.std(0) / exact).max()
+    assert rel < 4 * spread / draws.shape[0] ** 0.5 + 1e-3, (label, float(rel), float(spread))
+
+
 @pytest.fixture(scope="module")
 def quick_result(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "quick.json"
@@ -61,11 +78,7 @@ def test_targets_table_reads_the_json(quick_result):
 def test_variance_cuts_smoke_run_every_estimator(tmp_path):
     """benchmarks/variance_cuts.py on a tiny setting: every estimator gives a finite error, and the
     biased ones are labelled as such."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import variance_cuts
-    finally:
-        sys.path.pop(0)
+    variance_cuts = _variance_cuts()
     result = variance_cuts.run(variance_cuts.DEFAULT_ESTIMATORS, seeds=2, length=64, dim=16, sigma=0.5, budget=128)
     assert [r["estimator"] for r in result["rows"]] == list(variance_cuts.DEFAULT_ESTIMATORS)
     for r in result["rows"]:
@@ -78,11 +91,7 @@ def test_variance_cuts_unbiased_estimators_average_to_the_kernel():
     exp(xᵀy) on a few fixed pairs (relative error of the mean well under its per-draw spread)."""
     import torch
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import variance_cuts
-    finally:
-        sys.path.pop(0)
+    variance_cuts = _variance_cuts()
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, 8, generator=g, dtype=torch.float64) * 0.3
     y = torch.randn(4, 8, generator=g, dtype=torch.float64) * 0.3
@@ -90,9 +99,7 @@ def test_variance_cuts_unbiased_estimators_average_to_the_kernel():
     for name in ("oprf_control", "maclaurin", "hyperbolic_oprf/mub", "hyperbolic_sderf", "hyperbolic_oprf/simplex"):
         draws = torch.stack([variance_cuts.kernel_matrix(name, x, y, 128, torch.Generator().manual_seed(s))
                              for s in range(400)])
-        rel = ((draws.mean(0) - exact) / exact).abs().max()
-        spread = (draws.std(0) / exact).max()
-        assert rel < 4 * spread / 400 ** 0.5 + 1e-3, (name, float(rel), float(spread))
+        _assert_averages_to(draws, exact, name)
 
 
 def test_variance_cuts_complex_gerf_is_unbiased_and_fits_finite_parameters():
@@ -100,11 +107,7 @@ def test_variance_cuts_complex_gerf_is_unbiased_and_fits_finite_parameters():
     (i.i.d. ω, 400 draws), and the fitted parameters have a finite second moment (Re A < 1/8)."""
     import torch
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import variance_cuts
-    finally:
-        sys.path.pop(0)
+    variance_cuts = _variance_cuts()
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, 8, generator=g, dtype=torch.float64) * 0.3
     y = torch.randn(4, 8, generator=g, dtype=torch.float64) * 0.3
@@ -115,9 +118,7 @@ def test_variance_cuts_complex_gerf_is_unbiased_and_fits_finite_parameters():
         draws = torch.stack([variance_cuts.complex_gerf_kernel(
             x, y, torch.randn(128, 8, generator=torch.Generator().manual_seed(s), dtype=torch.float64), a, b1)
             for s in range(400)])
-        rel = ((draws.mean(0) - exact) / exact).abs().max()
-        spread = (draws.std(0) / exact).max()
-        assert rel < 4 * spread / 400 ** 0.5 + 1e-3, (a, b1, float(rel), float(spread))
+        _assert_averages_to(draws, exact, (a, b1))
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])

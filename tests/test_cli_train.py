@@ -236,3 +236,21 @@ def test_out_folder_with_a_run_is_not_overwritten(trained, corpus, capsys):
     capsys.readouterr()
     rc = _train("--data", corpus, "--out", trained, "--steps", "1")
     _one_line_error(capsys, rc, "train", "is not empty; pass --resume")
+
+
+def test_compat_lm_runs_joins_the_curves_at_the_switch(tmp_path, capsys):
+    """``favor compat --lm-runs BASE CONT``: the continuation's validation curve is shifted by the
+    base run's last step, and the JSON and the plot are written."""
+    for name, rows in {"base": [(0, 8.0), (10, 4.0)], "cont": [(0, 4.5), (5, 3.5)]}.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text(
+            "".join(json.dumps({"step": s, "val_bits": b}) + "\n" + json.dumps({"step": s + 1, "train_loss": 1.0}) + "\n"
+                    for s, b in rows))
+    plot = tmp_path / "plots" / "transfer.png"
+    assert main(["compat", "--lm-runs", str(tmp_path / "base"), str(tmp_path / "cont"),
+                 "--out", str(tmp_path / "out"), "--plot", str(plot)]) == 0
+    result = json.loads((tmp_path / "out" / "transfer.json").read_text())
+    assert result["switch_step"] == 10
+    assert result["continuations"][0]["curve"] == [[0, 4.5], [5, 3.5]]
+    assert plot.stat().st_size > 1000
+    assert "cont: 4.5000 bits/byte at the switch, 3.5000 after 5 steps" in capsys.readouterr().out

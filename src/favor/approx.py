@@ -473,10 +473,9 @@ def plot_sweep(result: dict, out_dir: str | Path, *, prefix: str = "approx", aga
     kernel MSE of i.i.d. features (points, ±1 standard error of the mean over seeds) against
     Lemma 2's closed form (lines).  Returns the paths written.
     """
-    import matplotlib
+    from .plotting import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -503,11 +502,7 @@ def plot_sweep(result: dict, out_dir: str | Path, *, prefix: str = "approx", aga
             ax.grid(True, which="both", alpha=0.3)
         axes[0].legend(fontsize=8)
         fig.suptitle(f"{proj} projections — {setting}", fontsize=10)
-        fig.tight_layout()
-        path = out_dir / f"{prefix}_{proj}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(save_figure(fig, out_dir / f"{prefix}_{proj}.png", dpi=110))
     if against_theory:
         if "iid" not in cfg["projections"]:
             raise ValueError("against_theory needs the 'iid' projection in the sweep")
@@ -544,11 +539,7 @@ def plot_sweep(result: dict, out_dir: str | Path, *, prefix: str = "approx", aga
         ax2.grid(True, which="both", alpha=0.3)
         ax2.legend(fontsize=7)
         fig.suptitle(f"i.i.d. features vs Lemma 2 — {setting}", fontsize=10)
-        fig.tight_layout()
-        path = out_dir / f"{prefix}_theory.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(save_figure(fig, out_dir / f"{prefix}_theory.png", dpi=110))
     return written
 
 

@@ -508,10 +508,9 @@ def plot_listops(run_dirs: list[str | Path], out: str | Path, *, labels: list[st
 
     ``reference``: name -> accuracy drawn as horizontal lines (e.g. LRA's published numbers).
     """
-    import matplotlib
+    from .plotting import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     if labels is not None and len(labels) != len(run_dirs):
         raise ValueError(f"got {len(labels)} labels for {len(run_dirs)} runs")
@@ -543,9 +542,4 @@ def plot_listops(run_dirs: list[str | Path], out: str | Path, *, labels: list[st
     ax.set_title("ListOps")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)

@@ -252,10 +252,9 @@ def truncate_metrics(path: Path, step: int) -> None:
 def plot_metrics(runs: dict[str, str | Path], png: str | Path, *, unit: str = "byte", title: str = "") -> Path:
     """Loss curves (bits per ``unit``) of one or more runs: training loss (centred moving average,
     with the raw values faint) and validation points.  ``runs``: label -> metrics.jsonl.  Returns ``png``."""
-    import matplotlib
+    from .plotting import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -280,12 +279,7 @@ def plot_metrics(runs: dict[str, str | Path], png: str | Path, *, unit: str = "b
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    png = Path(png)
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
-    return png
+    return save_figure(fig, png)
 
 
 def train(

@@ -98,10 +98,9 @@ def _settings(kind: str, m: int, seed: int) -> dict:
 
 
 def _plot(result: dict, path: Path) -> None:
-    import matplotlib
+    from ..plotting import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     keys = (("mean_cosine", "mean cosine similarity to exact embeddings"),
@@ -123,10 +122,7 @@ def _plot(result: dict, path: Path) -> None:
         f"all-MiniLM-L6-v2 with FAVOR+ attention ({result['n_eval']} held-out stdlib-docstring sentences)",
         fontsize=10,
     )
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _val_curve(run: Path) -> list[tuple[int, float]]:
@@ -145,10 +141,9 @@ def run_lm_transfer(args: argparse.Namespace) -> int:
     shifted by BASE's last step.  Writes OUT/transfer.json and the plot."""
     if len(args.lm_runs) < 2:
         raise CLIError("--lm-runs needs a base run and at least one continuation")
-    import matplotlib
+    from ..plotting import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     runs = [Path(r) for r in args.lm_runs]
     base = _val_curve(runs[0])
@@ -169,14 +164,10 @@ def run_lm_transfer(args: argparse.Namespace) -> int:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title("softmax-trained PerformerLM continued with other attention (switch at the dotted line)", fontsize=9)
-    fig.tight_layout()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "transfer.json").write_text(json.dumps(result, indent=2) + "\n")
-    plot = Path(args.plot) if args.plot else out / "transfer.png"
-    plot.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(plot, dpi=120)
-    plt.close(fig)
+    plot = save_figure(fig, Path(args.plot) if args.plot else out / "transfer.png")
     print(f"wrote {out / 'transfer.json'} and {plot}")
     return 0
 
