@@ -11,8 +11,9 @@ logits.  Here the features are computed block by block (n rows at a time) and ne
 :class:`torch.autograd.Function` s below save only the inputs, the output, the denominators,
 per-row log scales and O(M·Dv) states, and recompute the features of each block in backward.
 This bounds the extra memory by O(L·(d + Dv) + n·M) and keeps each elementwise pass over a block
-inside the cache.  Every block's temporaries live in :class:`_Scratch` buffers allocated once per
-call, and the queries and keys arrive unscaled: each block is multiplied by root = √scale while
+inside the cache.  Every block's temporaries live in :class:`_Scratch` buffers (on CPU, kept
+between calls in a bounded per-thread workspace, :data:`WORKSPACE_BYTES`), and the queries and
+keys arrive unscaled: each block is multiplied by root = √scale while
 it is copied into its buffer (input gradients use root·W), so no scaled copy of q or k exists.
 The maths is the same as :mod:`favor.linear` (same stabilisers, same
 :class:`favor.linear.FavorState` convention); ``tests/test_autograd.py`` checks outputs and all
@@ -37,7 +38,10 @@ h_j = 0 (−inf for masked keys).  Masked keys get h_j = −inf: weight exactly 
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
@@ -45,7 +49,7 @@ import torch
 from .feature_maps import RELU_EPSILON
 from .linear import _finite_or_zero, safe_denominator, vanishing_denominator
 
-__all__ = ["FUSED_KINDS", "FeatureSpec", "fused_attention", "make_spec"]
+__all__ = ["FUSED_KINDS", "WORKSPACE_BYTES", "FeatureSpec", "fused_attention", "make_spec", "release_workspace"]
 
 #: (features, kernel) pairs with a fused kernel.
 FUSED_KINDS = (("positive", "softmax"), ("hyperbolic", "softmax"), ("oprf", "softmax"),
@@ -54,6 +58,12 @@ FUSED_KINDS = (("positive", "softmax"), ("hyperbolic", "softmax"), ("oprf", "sof
 #: rows per block and head (a block holds G·BLOCK_ROWS rows of every (·, M) temporary);
 #: chosen by measurement, see docs/benchmarks.md
 BLOCK_ROWS = 512
+
+#: bytes of CPU scratch buffers each thread keeps between calls (per dtype); 0 disables keeping.
+#: Freed multi-MB blocks go back to the OS, and faulting them in again on every call cost 20–30 %
+#: of a causal call at L ≤ 2048 (docs/benchmarks.md, "Workspace").  CUDA's caching allocator
+#: already keeps memory, so other devices allocate per call.
+WORKSPACE_BYTES = 64 * 2**20
 
 
 class FeatureSpec(NamedTuple):
@@ -107,6 +117,14 @@ def make_spec(
 # feature helpers (all run without autograd, inside the Functions)
 
 
+_WORKSPACE = threading.local()  # .buffers: {(device, dtype): {name: flat tensor}}; .busy: bool
+
+
+def release_workspace() -> None:
+    """Free the scratch buffers that the fused kernels keep between calls in this thread."""
+    _WORKSPACE.__dict__.pop("buffers", None)
+
+
 class _Scratch:
     """Flat scratch tensors reused by every block of one call, each viewed to the block's shape.
 
@@ -114,20 +132,54 @@ class _Scratch:
     cache misses (glibc serves large blocks from fresh mmaps); with one buffer per name the GEMM
     that computes the logits runs at its standalone rate instead of about half of it
     (docs/benchmarks.md, "Scratch buffers").  A view is only valid until the next request of the
-    same name: results that outlive a block are never scratch.
+    same name: results that outlive a block are never scratch.  With ``keep`` the buffers come
+    from (and stay in) this thread's workspace while its total stays within
+    :data:`WORKSPACE_BYTES`; larger ones are allocated for this call only.
     """
 
-    def __init__(self, like: torch.Tensor):
+    def __init__(self, like: torch.Tensor, keep: dict[str, torch.Tensor] | None = None):
         self.like = like
+        self.keep = keep
         self.store: dict[str, torch.Tensor] = {}
 
     def __call__(self, name: str, *shape: int) -> torch.Tensor:
         numel = math.prod(shape)
         buf = self.store.get(name)
         if buf is None or buf.numel() < numel:
-            buf = self.like.new_empty(numel)
+            buf = self._allocate(name, numel)
             self.store[name] = buf
         return buf[:numel].view(shape)
+
+    def _allocate(self, name: str, numel: int) -> torch.Tensor:
+        keep = self.keep
+        if keep is None:
+            return self.like.new_empty(numel)
+        buf = keep.get(name)
+        if buf is not None and buf.numel() >= numel:
+            return buf
+        others = sum(b.numel() for n, b in keep.items() if n != name)
+        if (others + numel) * self.like.element_size() > WORKSPACE_BYTES:
+            return self.like.new_empty(numel)
+        with torch.inference_mode(False):  # a normal tensor, writable inside and outside inference mode
+            buf = torch.empty(numel, dtype=self.like.dtype, device=self.like.device)
+        keep[name] = buf
+        return buf
+
+
+@contextlib.contextmanager
+def _scratch(like: torch.Tensor) -> Iterator[_Scratch]:
+    """A :class:`_Scratch` for one call: on CPU it borrows this thread's workspace unless a call in
+    this thread already holds it, or torch.compile is tracing (traced graphs own their buffers)."""
+    if (like.device.type != "cpu" or WORKSPACE_BYTES <= 0 or getattr(_WORKSPACE, "busy", False)
+            or torch.compiler.is_compiling()):
+        yield _Scratch(like)
+        return
+    buffers = _WORKSPACE.__dict__.setdefault("buffers", {})
+    _WORKSPACE.busy = True
+    try:
+        yield _Scratch(like, buffers.setdefault((like.device, like.dtype), {}))
+    finally:
+        _WORKSPACE.busy = False
 
 
 def _rows_of(t: torch.Tensor, s: int, e: int, scratch: _Scratch, name: str, factor: float = 1.0) -> torch.Tensor:
@@ -310,22 +362,22 @@ def _bidir_forward(x, y, v, spec, mask, rows, root):
     """Features of root·x and root·y (queries and keys as given, scaled block by block)."""
     G, Lq, d = x.shape
     Dv = v.shape[-1]
-    scratch = _Scratch(x)
-    kv, c = _bidir_keys(y, v, spec, mask, rows, root, scratch)
-    M = kv.shape[1]
-    out = torch.empty(G, Lq, Dv, dtype=x.dtype, device=x.device)
-    den = torch.empty(G, Lq, dtype=x.dtype, device=x.device)
-    hq = torch.empty(G, Lq, dtype=x.dtype, device=x.device) if spec.kind == "exp" else None
-    for s, e in _blocks(Lq, rows):
-        xb = _rows_of(x, s, e, scratch, "x", root)
-        psi, _, shift = _query_features(xb, spec, None, scratch("u", G, e - s, M))
-        o = torch.bmm(psi, kv, out=scratch("o", G, e - s, Dv + 1))  # (G, n, V1)
-        den[:, s:e] = o[..., -1]
-        out[:, s:e] = o[..., :Dv] / safe_denominator(o[..., -1]).unsqueeze(-1)
-        out[:, s:e].masked_fill_(vanishing_denominator(o[..., -1]).unsqueeze(-1), 0.0)
-        if hq is not None:
-            hq[:, s:e] = shift
-    return out, den, hq, kv, c
+    with _scratch(x) as scratch:
+        kv, c = _bidir_keys(y, v, spec, mask, rows, root, scratch)
+        M = kv.shape[1]
+        out = torch.empty(G, Lq, Dv, dtype=x.dtype, device=x.device)
+        den = torch.empty(G, Lq, dtype=x.dtype, device=x.device)
+        hq = torch.empty(G, Lq, dtype=x.dtype, device=x.device) if spec.kind == "exp" else None
+        for s, e in _blocks(Lq, rows):
+            xb = _rows_of(x, s, e, scratch, "x", root)
+            psi, _, shift = _query_features(xb, spec, None, scratch("u", G, e - s, M))
+            o = torch.bmm(psi, kv, out=scratch("o", G, e - s, Dv + 1))  # (G, n, V1)
+            den[:, s:e] = o[..., -1]
+            out[:, s:e] = o[..., :Dv] / safe_denominator(o[..., -1]).unsqueeze(-1)
+            out[:, s:e].masked_fill_(vanishing_denominator(o[..., -1]).unsqueeze(-1), 0.0)
+            if hq is not None:
+                hq[:, s:e] = shift
+        return out, den, hq, kv, c
 
 
 class _BidirectionalFavor(torch.autograd.Function):
@@ -350,54 +402,54 @@ class _BidirectionalFavor(torch.autograd.Function):
         G, _, d = x.shape
         Dv = v.shape[-1]
         M = kv.shape[1]
-        scratch = _Scratch(x)
-        gw = gb = None
-        gx = torch.empty_like(x) if needs_x else None
-        gkv = torch.zeros_like(kv)  # (G, M, V1)
-        for s, e in _blocks(x.shape[1], rows):
-            n = e - s
-            xb = _rows_of(x, s, e, scratch, "x", root)
-            gb1 = _upstream(gout[:, s:e], out[:, s:e], den[:, s:e], scratch("g1", G, n, Dv + 1))  # (G, n, V1)
-            psi, pre, _ = _query_features(xb, spec, None if hq is None else hq[:, s:e], scratch("u", G, n, M))
-            gkv.baddbmm_(psi.transpose(1, 2), gb1)
-            if needs_x or needs_w or needs_b:
-                gu = torch.bmm(gb1, kv.transpose(1, 2), out=scratch("gu", G, n, M))
-                gu = _activation_grad(gu, pre, psi, spec)  # (G, n, M)
-                if needs_x:
-                    gx[:, s:e] = _input_grad(gu, w_in, root, scratch)
-                gw, gb = _weight_grads(spec, needs_w, needs_b, gu, xb, gw, gb)
-        gy = torch.empty_like(y) if needs_y else None
-        gv = torch.empty_like(v) if needs_v else None
-        ref = _finite_or_zero(c)
-        for s, e in _blocks(y.shape[1], rows):
-            n = e - s
-            yb = _rows_of(y, s, e, scratch, "x", root)
-            vb = _values_with_ones(v, s, e, scratch)
-            mb = None if mask is None else mask[:, s:e]
-            u = _logits(yb, spec, scratch("u", G, n, M))
-            pre = None
-            if spec.kind == "exp":
-                shift = 0.5 * yb.pow(2).sum(-1) + ref.unsqueeze(-1)
-                if mb is not None:
-                    shift = shift.masked_fill(~mb, float("inf"))
-                phi = u.sub_(shift.unsqueeze(-1)).exp_()
-            else:
-                pre = u.clone() if spec.kind == "relu" else None
-                phi = _activate(u, spec)
-                if mb is not None:
-                    vb.mul_(mb.unsqueeze(-1).to(vb.dtype))
-            if needs_v:
-                gvb = torch.bmm(phi, gkv[..., :Dv], out=scratch("o", G, n, Dv))  # (G, n, Dv)
-                if mb is not None and spec.kind != "exp":
-                    gvb.mul_(mb.unsqueeze(-1).to(gvb.dtype))
-                gv[:, s:e] = gvb
-            if needs_y or needs_w or needs_b:
-                gu = torch.bmm(vb, gkv.transpose(1, 2), out=scratch("gu", G, n, M))
-                gu = _activation_grad(gu, pre, phi, spec)
-                if needs_y:
-                    gy[:, s:e] = _key_grad(gu, yb, spec, w_in, w_ones, root, scratch)
-                gw, gb = _weight_grads(spec, needs_w, needs_b, gu, yb, gw, gb)
-        return gx, gy, gv, gw, gb, None, None, None, None, None, None
+        with _scratch(x) as scratch:
+            gw = gb = None
+            gx = torch.empty_like(x) if needs_x else None
+            gkv = torch.zeros_like(kv)  # (G, M, V1)
+            for s, e in _blocks(x.shape[1], rows):
+                n = e - s
+                xb = _rows_of(x, s, e, scratch, "x", root)
+                gb1 = _upstream(gout[:, s:e], out[:, s:e], den[:, s:e], scratch("g1", G, n, Dv + 1))  # (G, n, V1)
+                psi, pre, _ = _query_features(xb, spec, None if hq is None else hq[:, s:e], scratch("u", G, n, M))
+                gkv.baddbmm_(psi.transpose(1, 2), gb1)
+                if needs_x or needs_w or needs_b:
+                    gu = torch.bmm(gb1, kv.transpose(1, 2), out=scratch("gu", G, n, M))
+                    gu = _activation_grad(gu, pre, psi, spec)  # (G, n, M)
+                    if needs_x:
+                        gx[:, s:e] = _input_grad(gu, w_in, root, scratch)
+                    gw, gb = _weight_grads(spec, needs_w, needs_b, gu, xb, gw, gb)
+            gy = torch.empty_like(y) if needs_y else None
+            gv = torch.empty_like(v) if needs_v else None
+            ref = _finite_or_zero(c)
+            for s, e in _blocks(y.shape[1], rows):
+                n = e - s
+                yb = _rows_of(y, s, e, scratch, "x", root)
+                vb = _values_with_ones(v, s, e, scratch)
+                mb = None if mask is None else mask[:, s:e]
+                u = _logits(yb, spec, scratch("u", G, n, M))
+                pre = None
+                if spec.kind == "exp":
+                    shift = 0.5 * yb.pow(2).sum(-1) + ref.unsqueeze(-1)
+                    if mb is not None:
+                        shift = shift.masked_fill(~mb, float("inf"))
+                    phi = u.sub_(shift.unsqueeze(-1)).exp_()
+                else:
+                    pre = u.clone() if spec.kind == "relu" else None
+                    phi = _activate(u, spec)
+                    if mb is not None:
+                        vb.mul_(mb.unsqueeze(-1).to(vb.dtype))
+                if needs_v:
+                    gvb = torch.bmm(phi, gkv[..., :Dv], out=scratch("o", G, n, Dv))  # (G, n, Dv)
+                    if mb is not None and spec.kind != "exp":
+                        gvb.mul_(mb.unsqueeze(-1).to(gvb.dtype))
+                    gv[:, s:e] = gvb
+                if needs_y or needs_w or needs_b:
+                    gu = torch.bmm(vb, gkv.transpose(1, 2), out=scratch("gu", G, n, M))
+                    gu = _activation_grad(gu, pre, phi, spec)
+                    if needs_y:
+                        gy[:, s:e] = _key_grad(gu, yb, spec, w_in, w_ones, root, scratch)
+                    gw, gb = _weight_grads(spec, needs_w, needs_b, gu, yb, gw, gb)
+            return gx, gy, gv, gw, gb, None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -474,33 +526,34 @@ def _causal_forward(x, y, v, spec, mask, C, rows, kv0, r0, root, keep=False):
     G, L, _ = x.shape
     Dv = v.shape[-1]
     M = kv0.shape[1]
-    scratch = _Scratch(x)
-    out = torch.empty(G, L, Dv, dtype=x.dtype, device=x.device)
-    den = torch.empty(G, L, dtype=x.dtype, device=x.device)
-    S, r = kv0, r0  # (G, M, V1) relative to finite(r); (G,)
-    saved, intra = [], []
-    for s, e, c in _block_plan(L, C, rows):
-        saved.append((S, r))
-        mb = None if mask is None else mask[:, s:e]
-        xb, yb = _rows_of(x, s, e, scratch, "x", root), _rows_of(y, s, e, scratch, "y", root)
-        blk = _causal_block(xb, yb, spec, mb, c, r, scratch)
-        nc = (e - s) // c
-        v4 = _values_with_ones(v, s, e, scratch).view(G, nc, c, Dv + 1)
-        A = _bmm4(blk.psi_q, blk.psi_k.transpose(-1, -2),
-                  None if keep else scratch("A", G, nc, c, c)).mul_(blk.E)  # (G, nc, C, C)
-        if keep:
-            intra.append((A, blk.E))
-        o = _bmm4(A, v4, scratch("o", G, nc, c, Dv + 1))  # (G, nc, C, V1)
-        wv = torch.mul(v4, blk.w.unsqueeze(-1), out=scratch("wv", G, nc, c, Dv + 1))
-        kvc = _bmm4(blk.psi_k.transpose(-1, -2), wv, scratch("kvc", G, nc, M, Dv + 1))  # (G, nc, M, V1)
-        S_before, S = _prefix_states(S, kvc, blk.decay, scratch("S", G, nc, M, Dv + 1))  # (G, nc, M, V1), (G, M, V1)
-        o.addcmul_(blk.carry.unsqueeze(-1), _bmm4(blk.psi_q, S_before, scratch("oS", G, nc, c, Dv + 1)))
-        o = o.view(G, e - s, Dv + 1)
-        den[:, s:e] = o[..., -1]
-        out[:, s:e] = o[..., :Dv] / safe_denominator(o[..., -1]).unsqueeze(-1)
-        out[:, s:e].masked_fill_(vanishing_denominator(o[..., -1]).unsqueeze(-1), 0.0)
-        r = blk.r_last
-    return out, den, saved, (S, r), intra
+    with _scratch(x) as scratch:
+        out = torch.empty(G, L, Dv, dtype=x.dtype, device=x.device)
+        den = torch.empty(G, L, dtype=x.dtype, device=x.device)
+        S, r = kv0, r0  # (G, M, V1) relative to finite(r); (G,)
+        saved, intra = [], []
+        for s, e, c in _block_plan(L, C, rows):
+            saved.append((S, r))
+            mb = None if mask is None else mask[:, s:e]
+            xb, yb = _rows_of(x, s, e, scratch, "x", root), _rows_of(y, s, e, scratch, "y", root)
+            blk = _causal_block(xb, yb, spec, mb, c, r, scratch)
+            nc = (e - s) // c
+            v4 = _values_with_ones(v, s, e, scratch).view(G, nc, c, Dv + 1)
+            A = _bmm4(blk.psi_q, blk.psi_k.transpose(-1, -2),
+                      None if keep else scratch("A", G, nc, c, c)).mul_(blk.E)  # (G, nc, C, C)
+            if keep:
+                intra.append((A, blk.E))
+            o = _bmm4(A, v4, scratch("o", G, nc, c, Dv + 1))  # (G, nc, C, V1)
+            wv = torch.mul(v4, blk.w.unsqueeze(-1), out=scratch("wv", G, nc, c, Dv + 1))
+            kvc = _bmm4(blk.psi_k.transpose(-1, -2), wv, scratch("kvc", G, nc, M, Dv + 1))  # (G, nc, M, V1)
+            # (G, nc, M, V1), (G, M, V1)
+            S_before, S = _prefix_states(S, kvc, blk.decay, scratch("S", G, nc, M, Dv + 1))
+            o.addcmul_(blk.carry.unsqueeze(-1), _bmm4(blk.psi_q, S_before, scratch("oS", G, nc, c, Dv + 1)))
+            o = o.view(G, e - s, Dv + 1)
+            den[:, s:e] = o[..., -1]
+            out[:, s:e] = o[..., :Dv] / safe_denominator(o[..., -1]).unsqueeze(-1)
+            out[:, s:e].masked_fill_(vanishing_denominator(o[..., -1]).unsqueeze(-1), 0.0)
+            r = blk.r_last
+        return out, den, saved, (S, r), intra
 
 
 def _bmm4(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -568,50 +621,50 @@ class _CausalFavor(torch.autograd.Function):
         G, L, d = x.shape
         Dv = v.shape[-1]
         M = _num_features(spec, d)
-        scratch = _Scratch(x)
-        root = ctx.root
-        w_in, w_ones = _input_weights(weight, root)
-        gx, gy, gv = torch.empty_like(x), torch.empty_like(y), torch.empty_like(v)
-        gw = gb = None
-        grev = x.new_zeros(G, _num_features(spec, x.shape[-1]), Dv + 1)  # Σ over later queries, rel. to block end
-        plan = _block_plan(L, ctx.chunk, ctx.rows)
-        for i in range(len(plan) - 1, -1, -1):
-            s, e, c = plan[i]
-            S, r = states[i], logs[i]
-            mb = None if mask is None else mask[:, s:e]
-            n = e - s
-            xb, yb = _rows_of(x, s, e, scratch, "x", root), _rows_of(y, s, e, scratch, "y", root)
-            blk = _causal_block(xb, yb, spec, mb, c, r, scratch, with_intra=False)
-            A, E = ctx.intra[i]
-            nc = n // c
-            V1 = Dv + 1
-            v4 = _values_with_ones(v, s, e, scratch).view(G, nc, c, V1)
-            g4 = _upstream(gout[:, s:e], out[:, s:e], den[:, s:e], scratch("g1", G, n, V1)).view(G, nc, c, V1)
-            # forward states before each chunk, recomputed
-            wv = torch.mul(v4, blk.w.unsqueeze(-1), out=scratch("wv", G, nc, c, V1))  # (G, nc, C, V1)
-            kvc = _bmm4(blk.psi_k.transpose(-1, -2), wv, scratch("kvc", G, nc, M, V1))
-            S_before, _ = _prefix_states(S, kvc, blk.decay, scratch("S", G, nc, M, V1))
-            # reverse states: P_n from this block's queries, plus grev from later blocks
-            gc = torch.mul(g4, blk.carry.unsqueeze(-1), out=scratch("gc", G, nc, c, V1))  # (G, nc, C, V1)
-            P = _bmm4(blk.psi_q.transpose(-1, -2), gc, scratch("kvc", G, nc, M, V1))  # (G, nc, M, V1)
-            Gst, grev = _suffix_states(P, grev, blk.decay, scratch("Gst", G, nc, M, V1))
-            Gs = _bmm4(g4, v4.transpose(-1, -2), scratch("Gs", G, nc, c, c)).mul_(E)  # (G, nc, C, C)
-            # ∂/∂ψ_q, ∂/∂ψ_k, ∂/∂v1
-            gpq = _bmm4(Gs, blk.psi_k, scratch("gpq", G, nc, c, M))
-            gpq += _bmm4(gc, S_before.transpose(-1, -2), scratch("gp", G, nc, c, M))
-            gpk = _bmm4(Gs.transpose(-1, -2), blk.psi_q, scratch("gpk", G, nc, c, M))
-            gpk += _bmm4(wv, Gst.transpose(-1, -2), scratch("gp", G, nc, c, M))
-            gv1 = _bmm4(A.transpose(-1, -2), g4, scratch("o", G, nc, c, V1))
-            gv1.addcmul_(blk.w.unsqueeze(-1), _bmm4(blk.psi_k, Gst, scratch("oS", G, nc, c, V1)))
-            gv[:, s:e] = gv1.view(G, n, V1)[..., :Dv]
-            guq = _activation_grad(gpq.view(G, n, M), blk.pre_q, blk.psi_q.view(G, n, M), spec)
-            guk = _activation_grad(gpk.view(G, n, M), blk.pre_k, blk.psi_k.view(G, n, M), spec)
-            gx[:, s:e] = _input_grad(guq, w_in, root, scratch)
-            gy[:, s:e] = _key_grad(guk, yb, spec, w_in, w_ones, root, scratch)
-            gw, gb = _weight_grads(spec, needs_w, needs_b, guq, xb, gw, gb)
-            gw, gb = _weight_grads(spec, needs_w, needs_b, guk, yb, gw, gb)
-        return (gx if needs_x else None, gy if needs_y else None, gv if needs_v else None,
-                gw, gb, None, None, None, None, None, None, None)
+        with _scratch(x) as scratch:
+            root = ctx.root
+            w_in, w_ones = _input_weights(weight, root)
+            gx, gy, gv = torch.empty_like(x), torch.empty_like(y), torch.empty_like(v)
+            gw = gb = None
+            grev = x.new_zeros(G, _num_features(spec, x.shape[-1]), Dv + 1)  # Σ over later queries, rel. to block end
+            plan = _block_plan(L, ctx.chunk, ctx.rows)
+            for i in range(len(plan) - 1, -1, -1):
+                s, e, c = plan[i]
+                S, r = states[i], logs[i]
+                mb = None if mask is None else mask[:, s:e]
+                n = e - s
+                xb, yb = _rows_of(x, s, e, scratch, "x", root), _rows_of(y, s, e, scratch, "y", root)
+                blk = _causal_block(xb, yb, spec, mb, c, r, scratch, with_intra=False)
+                A, E = ctx.intra[i]
+                nc = n // c
+                V1 = Dv + 1
+                v4 = _values_with_ones(v, s, e, scratch).view(G, nc, c, V1)
+                g4 = _upstream(gout[:, s:e], out[:, s:e], den[:, s:e], scratch("g1", G, n, V1)).view(G, nc, c, V1)
+                # forward states before each chunk, recomputed
+                wv = torch.mul(v4, blk.w.unsqueeze(-1), out=scratch("wv", G, nc, c, V1))  # (G, nc, C, V1)
+                kvc = _bmm4(blk.psi_k.transpose(-1, -2), wv, scratch("kvc", G, nc, M, V1))
+                S_before, _ = _prefix_states(S, kvc, blk.decay, scratch("S", G, nc, M, V1))
+                # reverse states: P_n from this block's queries, plus grev from later blocks
+                gc = torch.mul(g4, blk.carry.unsqueeze(-1), out=scratch("gc", G, nc, c, V1))  # (G, nc, C, V1)
+                P = _bmm4(blk.psi_q.transpose(-1, -2), gc, scratch("kvc", G, nc, M, V1))  # (G, nc, M, V1)
+                Gst, grev = _suffix_states(P, grev, blk.decay, scratch("Gst", G, nc, M, V1))
+                Gs = _bmm4(g4, v4.transpose(-1, -2), scratch("Gs", G, nc, c, c)).mul_(E)  # (G, nc, C, C)
+                # ∂/∂ψ_q, ∂/∂ψ_k, ∂/∂v1
+                gpq = _bmm4(Gs, blk.psi_k, scratch("gpq", G, nc, c, M))
+                gpq += _bmm4(gc, S_before.transpose(-1, -2), scratch("gp", G, nc, c, M))
+                gpk = _bmm4(Gs.transpose(-1, -2), blk.psi_q, scratch("gpk", G, nc, c, M))
+                gpk += _bmm4(wv, Gst.transpose(-1, -2), scratch("gp", G, nc, c, M))
+                gv1 = _bmm4(A.transpose(-1, -2), g4, scratch("o", G, nc, c, V1))
+                gv1.addcmul_(blk.w.unsqueeze(-1), _bmm4(blk.psi_k, Gst, scratch("oS", G, nc, c, V1)))
+                gv[:, s:e] = gv1.view(G, n, V1)[..., :Dv]
+                guq = _activation_grad(gpq.view(G, n, M), blk.pre_q, blk.psi_q.view(G, n, M), spec)
+                guk = _activation_grad(gpk.view(G, n, M), blk.pre_k, blk.psi_k.view(G, n, M), spec)
+                gx[:, s:e] = _input_grad(guq, w_in, root, scratch)
+                gy[:, s:e] = _key_grad(guk, yb, spec, w_in, w_ones, root, scratch)
+                gw, gb = _weight_grads(spec, needs_w, needs_b, guq, xb, gw, gb)
+                gw, gb = _weight_grads(spec, needs_w, needs_b, guk, yb, gw, gb)
+            return (gx if needs_x else None, gy if needs_y else None, gv if needs_v else None,
+                    gw, gb, None, None, None, None, None, None, None)
 
 
 def _num_features(spec: FeatureSpec, dim: int) -> int:
