@@ -141,3 +141,20 @@ def test_quick_run_in_bfloat16_records_the_dtype(tmp_path):
     result = json.loads(out.read_text())
     assert result["shape"]["dtype"] == "bfloat16" and result["machine"]["device"] == "cpu"
     assert result["cases"] and all(c["status"] == "ok" and math.isfinite(c["median_s"]) for c in result["cases"])
+
+
+def test_compare_reports_median_speedups(tmp_path):
+    """benchmarks/compare.py: per case, the median over runs of each set and their ratio."""
+    def run(name, ms):
+        case = {"method": "favor", "status": "ok", "direction": "causal", "mode": "fwd", "L": 512, "median_s": ms / 1e3}
+        (tmp_path / name).write_text(json.dumps({"cases": [case, dict(case, method="sdpa")]}))
+        return str(tmp_path / name)
+
+    before = [run(f"b{i}.json", ms) for i, ms in enumerate((20.0, 30.0, 22.0))]
+    after = [run(f"a{i}.json", ms) for i, ms in enumerate((10.0, 11.0, 40.0))]
+    out = tmp_path / "summary.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compare.py"), "--before", *before, "--after", *after,
+                    "--json", str(out)], check=True, timeout=60, capture_output=True)
+    (row,) = json.loads(out.read_text())["rows"]
+    assert (row["before_median_ms"], row["after_median_ms"]) == pytest.approx((22.0, 11.0))
+    assert row["speedup"] == pytest.approx(2.0)
