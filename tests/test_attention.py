@@ -166,6 +166,27 @@ def test_cross_attention_padding_equals_key_removal(features, kernel):
         torch.testing.assert_close(out[b : b + 1], sub, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("features", ["oprf", "hyperbolic_oprf"])
+def test_query_padding_mask_equals_query_removal(features):
+    """Cross-attention (Lq ≠ Lk) with padded queries: with query_padding_mask the real queries'
+    outputs equal a call without the padded queries (FAVOR++'s A ignores them); in self-attention
+    the default (the key mask) is the same as passing it."""
+    q, k, v = make_qkv(2, 2, 17, 30, 8, 6, seed=41)
+    w = projection_for("softmax", 16, 8)
+    qmask = random_mask(2, 17, seed=42, p=0.4)
+    q_pad = q.masked_fill(~qmask[:, None, :, None], 1e3)  # padding content that would move A a lot
+    out = favor.favor_attention(q_pad, k, v, w, features=features, query_padding_mask=qmask)
+    for b in range(2):
+        keep = qmask[b]
+        sub = favor.favor_attention(q[b : b + 1, :, keep], k[b : b + 1], v[b : b + 1], w, features=features)
+        torch.testing.assert_close(out[b : b + 1, :, keep], sub, rtol=1e-12, atol=1e-12)
+    q, k, v = make_qkv(2, 2, 30, 30, 8, 6, seed=43)
+    kmask = random_mask(2, 30, seed=44, p=0.4)
+    assert torch.equal(favor.favor_attention(q, k, v, w, features=features, key_padding_mask=kmask),
+                       favor.favor_attention(q, k, v, w, features=features, key_padding_mask=kmask,
+                                             query_padding_mask=kmask))
+
+
 @pytest.mark.parametrize("is_causal", [False, True], ids=["bidir", "causal"])
 @pytest.mark.parametrize("features,kernel", KINDS, ids=KIND_IDS)
 def test_masked_keys_reach_neither_numerator_nor_denominator(features, kernel, is_causal):

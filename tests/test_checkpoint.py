@@ -203,3 +203,12 @@ def test_tied_weights_are_stored_once_and_restored(tmp_path):
     assert torch.equal(fresh.emb.weight, m.emb.weight)
     assert fresh.head.weight is fresh.emb.weight
     assert os.path.getsize(path / "model.safetensors") < 400
+
+
+def test_optimizer_state_of_a_checkpoint_loaded_without_it_is_an_error(tmp_path):
+    """optimizer=False must not hand back an empty optimizer state that load_state_dict accepts."""
+    _, opt, path = _saved(tmp_path)
+    with pytest.raises(CheckpointError, match="loaded without its optimizer state"):
+        load_checkpoint(path, optimizer=False).optimizer_state_dict()
+    restored = load_checkpoint(path).optimizer_state_dict()
+    assert restored["state"] and len(restored["state"]) == len(opt.state_dict()["state"])

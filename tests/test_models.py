@@ -69,7 +69,10 @@ BAD_CONFIGS = [
     ({"rotary": "yes"}, TypeError, "rotary"),
     ({"seed": -3}, ValueError, "seed"),
     ({"chunk_size": 0}, ValueError, "chunk_size"),
-    ({"mlp_ratio": float("nan")}, TypeError, "mlp_ratio"),
+    ({"mlp_ratio": float("nan")}, ValueError, "mlp_ratio must be finite"),
+    ({"mlp_ratio": float("inf")}, ValueError, "mlp_ratio must be finite"),
+    ({"dropout": float("nan")}, ValueError, "dropout must be finite"),
+    ({"mlp_ratio": "2"}, TypeError, "mlp_ratio must be a float"),
 ]
 
 
@@ -120,6 +123,14 @@ def test_lm_incremental_logits_equal_full_forward(changes):
         logits, cache = model(idx[:, t:t + 1], cache=cache, return_cache=True)
         outs.append(logits)
     torch.testing.assert_close(torch.cat(outs, dim=1), full, rtol=1e-10, atol=1e-10)
+
+
+def test_tiny_positive_temperature_samples_the_argmax_without_overflow():
+    """logits / 1e-45 overflows; shifting by the row max first keeps the top logit at 0."""
+    model = build(PerformerLM, tiny(attention="favor"))
+    prompt = tokens(2, 5)
+    greedy = model.generate(prompt, 6, temperature=0)
+    assert torch.equal(model.generate(prompt, 6, temperature=1e-45, generator=torch.Generator().manual_seed(0)), greedy)
 
 
 @pytest.mark.parametrize("attention", ["favor", "softmax"])

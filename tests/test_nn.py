@@ -390,6 +390,27 @@ def test_multihead_mask_forms_are_equivalent():
     assert torch.equal(fav(x[1], x[1], x[1], key_padding_mask=ignore[1])[0], fav(x[1:], x[1:], x[1:], key_padding_mask=ignore[1:])[0][0])
 
 
+@pytest.mark.parametrize("extra", [{"add_bias_kv": True}, {"add_zero_attn": True}, {}],
+                         ids=["bias_kv", "zero_attn", "plain"])
+def test_multihead_oprf_padding_content_never_reaches_real_tokens(extra):
+    """Self-attention with FAVOR++ features: the padded tokens' content must not move A (the extra
+    bias/zero key makes Lk = S + 1, so the query padding is passed explicitly)."""
+    torch.manual_seed(0)
+    m = MultiheadFavorAttention(32, 4, batch_first=True, nb_features=16, features="oprf", **extra).double()
+    x = randn(2, 7, 32)
+    ignore = torch.zeros(2, 7, dtype=torch.bool)
+    ignore[:, 4:] = True
+    x2 = x.clone()
+    x2[:, 4:] += 10 * randn(2, 3, 32, seed=1)
+    assert torch.equal(m(x, x, x, key_padding_mask=ignore)[0][:, :4], m(x2, x2, x2, key_padding_mask=ignore)[0][:, :4])
+
+
+def test_multihead_empty_batch_gives_an_empty_output():
+    fav = MultiheadFavorAttention(32, 4, batch_first=True, nb_features=8)
+    out, weights = fav(*(torch.randn(0, 5, 32),) * 3)
+    assert out.shape == (0, 5, 32) and weights is None
+
+
 def test_multihead_rejects_what_favor_cannot_do():
     _, fav = _mha_pair(nb_features=8)
     x = randn(2, 5, 24)

@@ -125,6 +125,14 @@ FUNCTIONAL = [
                  ValueError, "initial_state.log_scale", id="attention-state-log-scale-shape"),
     pytest.param(lambda: favor.favor_attention_step([1.0], k[:, :, :1], v[:, :, :1], _proj(), None), TypeError,
                  "query must be a torch.Tensor, got list", id="step-query-list"),
+    pytest.param(lambda: favor.favor_attention(q, k, v, _proj(), is_causal=True,
+                                               query_padding_mask=torch.ones(B, L, dtype=torch.bool)),
+                 ValueError, "query_padding_mask is for bidirectional attention", id="attention-query-mask-causal"),
+    pytest.param(lambda: favor.favor_attention(q, k, v, _proj(), query_padding_mask=torch.ones(B, L)),
+                 TypeError, "query_padding_mask must be torch.bool", id="attention-query-mask-float"),
+    pytest.param(lambda: favor.favor_attention(q, k, v, _proj(), query_padding_mask=torch.ones(B, L + 1, dtype=torch.bool)),
+                 ValueError, "query_padding_mask must have shape (B, Lq) = (2, 5), got (2, 6)",
+                 id="attention-query-mask-shape"),
 ]
 
 

@@ -28,7 +28,7 @@ def _check_tensor(name: str, t: object) -> torch.Tensor:
 
 
 def _validate(query, key, value, projection, features, kernel, is_causal, key_padding_mask,
-              scale, initial_state, chunk_size) -> None:
+              scale, initial_state, chunk_size, query_padding_mask=None) -> None:
     for name, t in (("query", query), ("key", key), ("value", value)):
         _check_tensor(name, t)
     if not (query.dtype == key.dtype == value.dtype):
@@ -73,6 +73,17 @@ def _validate(query, key, value, projection, features, kernel, is_causal, key_pa
             raise ValueError(
                 f"key_padding_mask must have shape (B, Lk) = ({B}, {Lk}), got {tuple(key_padding_mask.shape)}"
             )
+    if query_padding_mask is not None:
+        if is_causal:
+            raise ValueError("query_padding_mask is for bidirectional attention; causal attention reads "
+                             "padding from key_padding_mask")
+        if not isinstance(query_padding_mask, torch.Tensor):
+            raise TypeError("query_padding_mask must be a bool tensor")
+        if query_padding_mask.dtype != torch.bool:
+            raise TypeError(f"query_padding_mask must be torch.bool (True = a real query), got {query_padding_mask.dtype}")
+        if tuple(query_padding_mask.shape) != (B, Lq):
+            raise ValueError(f"query_padding_mask must have shape (B, Lq) = ({B}, {Lq}), "
+                             f"got {tuple(query_padding_mask.shape)}")
     if is_causal and Lq != Lk:
         raise ValueError(f"is_causal=True needs equal query and key lengths, got Lq={Lq}, Lk={Lk}")
     if scale is not None:
@@ -127,19 +138,22 @@ def _causal_oprf_parameter(
     return torch.where(torch.isnan(previous), fresh, previous)
 
 
-def _bidirectional_oprf_parameter(q: torch.Tensor, k: torch.Tensor, root: float, mask: torch.Tensor | None) -> torch.Tensor:
+def _bidirectional_oprf_parameter(q: torch.Tensor, k: torch.Tensor, root: float, mask: torch.Tensor | None,
+                                  query_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Bidirectional FAVOR++ parameter A (B, H) from all present pairs of scaled queries root·q and
     keys root·k (A is detached, so the scaled copies stay out of the autograd graph).
 
-    In self-attention (Lq == Lk) the key padding mask also marks the padded queries, so padding
-    content cannot move A (and with it the outputs of the real tokens).  Any A < 0 keeps the
-    estimator unbiased, so this choice only affects variance.
+    The real queries are ``query_mask`` (B, Lq), or in self-attention (Lq == Lk) without one those
+    the key padding mask marks, so padding content cannot move A (and with it the outputs of the
+    real tokens).  Any A < 0 keeps the estimator unbiased, so this choice only affects variance.
     """
     x, y = q.detach() * root, k.detach() * root
-    if mask is None:
+    if query_mask is None and mask is not None and x.shape[2] == y.shape[2]:
+        query_mask = mask
+    if mask is None and query_mask is None:
         return oprf_parameter(x, y)
-    x_mask = mask.unsqueeze(1) if x.shape[2] == y.shape[2] else None
-    return oprf_parameter(x, y, mask.unsqueeze(1), x_mask)
+    return oprf_parameter(x, y, None if mask is None else mask.unsqueeze(1),
+                          None if query_mask is None else query_mask.unsqueeze(1))
 
 
 def _use_fused(features, kernel, tensors, initial_state, return_state) -> bool:
@@ -170,6 +184,7 @@ def favor_attention(
     initial_state: FavorState | None = None,
     return_state: bool = False,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    query_padding_mask: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, FavorState]:
     """Random-feature estimate of softmax(scale·QKᵀ)V in linear time and memory.
 
@@ -188,6 +203,10 @@ def favor_attention(
             preceding tokens (split/resume, recurrent decoding).
         return_state: causal only: also return the state after the last token.
         chunk_size: causal chunk length C (outputs do not depend on it beyond rounding).
+        query_padding_mask: bidirectional only: bool (B, Lq), True = a real query.  Only the
+            FAVOR++ parameter A of ``"oprf"``/``"hyperbolic_oprf"`` reads it (padding queries
+            must not move A); every query still gets its output.  Default: ``key_padding_mask``
+            when Lq == Lk (self-attention), else all queries.
 
     Returns:
         (B, H, Lq, Dv) in the input dtype, and the :class:`FavorState` if ``return_state``.
@@ -207,7 +226,7 @@ def favor_attention(
     if return_state and not is_causal:
         raise ValueError("return_state needs is_causal=True")
     _validate(query, key, value, projection, features, kernel, is_causal, key_padding_mask,
-              scale, initial_state, chunk_size)
+              scale, initial_state, chunk_size, query_padding_mask)
     out_dtype = query.dtype
     cdtype = _compute_dtype(out_dtype)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
@@ -225,7 +244,7 @@ def favor_attention(
                 previous = None if initial_state is None else initial_state.oprf_a.to(cdtype)
                 oprf_a = _causal_oprf_parameter(q, k, root, key_padding_mask, previous)
             else:
-                oprf_a = _bidirectional_oprf_parameter(q, k, root, key_padding_mask)  # (B, H)
+                oprf_a = _bidirectional_oprf_parameter(q, k, root, key_padding_mask, query_padding_mask)  # (B, H)
             # NaN only where no key is present (every output there is 0): any finite A will do
             feature_a = torch.nan_to_num(oprf_a, nan=0.0)
         if initial_state is not None:

@@ -81,6 +81,7 @@ class Checkpoint:
         aliases: alias name -> stored name, for tensors shared between modules.
         buffers: names of the stored tensors that are buffers, not parameters.
         optimizer_tensors, rng_tensors: the other two safetensors files (empty if not loaded).
+        optimizer_loaded: whether they were loaded (``load_checkpoint(..., optimizer=True)``).
     """
 
     path: Path
@@ -91,6 +92,7 @@ class Checkpoint:
     buffers: list[str]
     optimizer_tensors: dict[str, torch.Tensor]
     rng_tensors: dict[str, torch.Tensor]
+    optimizer_loaded: bool = True
 
     @property
     def step(self) -> int:
@@ -98,8 +100,10 @@ class Checkpoint:
 
     def optimizer_state_dict(self) -> dict[str, Any]:
         """Rebuild ``optimizer.state_dict()`` from the stored tensors and JSON."""
-        if not self.optimizer_tensors and not self.state.get("optimizer"):
+        if not self.optimizer_loaded:
             raise CheckpointError(f"checkpoint {str(self.path)!r} was loaded without its optimizer state")
+        if "optimizer" not in self.state:
+            raise CheckpointError(f"checkpoint {str(self.path)!r} holds no optimizer state")
         opt = self.state["optimizer"]
         state: dict[int, dict[str, Any]] = {}
         for key, t in self.optimizer_tensors.items():
@@ -404,6 +408,7 @@ def load_checkpoint(path: str | os.PathLike, *, optimizer: bool = True) -> Check
         buffers=json.loads(meta.get("buffers", "[]")),
         optimizer_tensors=_load_safetensors(ckpt_dir / "optimizer.safetensors") if optimizer else {},
         rng_tensors=_load_safetensors(ckpt_dir / "rng.safetensors") if optimizer else {},
+        optimizer_loaded=bool(optimizer),
     )
 
 

@@ -84,8 +84,10 @@ class PerformerConfig:
             check_int(name, minimum)
         for name in ("mlp_ratio", "dropout"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise TypeError(f"PerformerConfig.{name} must be a finite float, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"PerformerConfig.{name} must be a float, got {value!r}")
+            if not math.isfinite(value):
+                raise ValueError(f"PerformerConfig.{name} must be finite, got {name}={value}")
         if self.mlp_ratio <= 0 or round(self.mlp_ratio * self.d_model) < 1:
             raise ValueError(f"PerformerConfig.mlp_ratio must give a positive MLP width, got mlp_ratio={self.mlp_ratio}")
         if not 0.0 <= self.dropout < 1.0:

@@ -257,7 +257,8 @@ def _sample(logits: torch.Tensor, temperature: float, top_k: int | None, generat
     """logits (B, V) -> (B,) token ids: argmax if temperature == 0, else a (top-k) softmax sample."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature  # (B, V)
+    logits = logits.float()
+    logits = (logits - logits.amax(-1, keepdim=True)) / temperature  # (B, V), ≤ 0: no inf − inf for tiny T
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))

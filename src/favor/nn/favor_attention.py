@@ -214,18 +214,20 @@ class FavorAttention(nn.Module):
         initial_state: FavorState | None = None,
         return_state: bool = False,
         is_causal: bool | None = None,
+        query_padding_mask: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, FavorState]:
         """query (B, H, Lq, D), key (B, H, Lk, D), value (B, H, Lk, Dv) -> (B, H, Lq, Dv).
 
         ``key_padding_mask``: bool (B, Lk), True = attend.  ``initial_state``/``return_state``
         (causal only) carry the :class:`favor.FavorState` across calls.  ``is_causal`` overrides
-        the module's setting for this call (``None``: use the module's).
+        the module's setting for this call (``None``: use the module's).  ``query_padding_mask``:
+        bool (B, Lq), True = a real query (bidirectional; see :func:`favor.favor_attention`).
         """
         return favor_attention(
             query, key, value, self.projection, features=self.features, kernel=self.kernel,
             is_causal=self.is_causal if is_causal is None else is_causal,
             key_padding_mask=key_padding_mask, initial_state=initial_state,
-            return_state=return_state, chunk_size=self.chunk_size,
+            return_state=return_state, chunk_size=self.chunk_size, query_padding_mask=query_padding_mask,
         )
 
     def extra_repr(self) -> str:

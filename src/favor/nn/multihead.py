@@ -270,13 +270,16 @@ class MultiheadFavorAttention(nn.Module):
             extra += 1
         if extra and causal:
             raise ValueError("add_bias_kv / add_zero_attn are not supported with causal attention")
+        # self-attention: the padded keys are also the padded queries, which must not move FAVOR++'s A
+        query_attend = attend if (extra and attend is not None and L == S) else None
         if extra and attend is not None:
             attend = torch.cat((attend, attend.new_ones(B, extra)), dim=1)  # (B, S')
         H, Dh = self.num_heads, self.head_dim
         q = q.view(B, L, H, Dh).transpose(1, 2)  # (B, H, L, Dh)
-        k = k.view(B, -1, H, Dh).transpose(1, 2)  # (B, H, S', Dh)
-        v = v.view(B, -1, H, Dh).transpose(1, 2)  # (B, H, S', Dh)
-        y = self.favor(q, k, v, key_padding_mask=attend, is_causal=causal)  # (B, H, L, Dh)
+        k = k.view(B, S + extra, H, Dh).transpose(1, 2)  # (B, H, S', Dh)
+        v = v.view(B, S + extra, H, Dh).transpose(1, 2)  # (B, H, S', Dh)
+        y = self.favor(q, k, v, key_padding_mask=attend, is_causal=causal,
+                       query_padding_mask=query_attend)  # (B, H, L, Dh)
         y = torch.nn.functional.dropout(y, self.dropout, self.training)
         y = y.transpose(1, 2).reshape(B, L, self.embed_dim)  # (B, L, E)
         y = self.out_proj(y)
