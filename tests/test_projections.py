@@ -78,6 +78,26 @@ def test_row_norms_follow_chi_distribution(kind):
     assert _chi_ks_statistic(w.norm(dim=1), d) < 1.63 / math.sqrt(m)
 
 
+@pytest.mark.parametrize("d", [6, 12, 48], ids=lambda d: f"d{d}")
+def test_hadamard_rows_for_non_power_of_two_d_are_chi_and_unbiased(d):
+    """d padded to a power of two: the restricted rows keep chi(d) norms (KS at 1 %), and positive
+    features built on them average to exp(xᵀy) (within 4 standard errors over 2000 draws)."""
+    w = favor.hadamard_orthogonal_matrix(4096, d, generator=gen(6), dtype=torch.float64)
+    assert _chi_ks_statistic(w.norm(dim=1), d) < 1.63 / math.sqrt(4096)
+    x, y = (0.5 * torch.randn(d, dtype=torch.float64, generator=gen(s)) / d ** 0.25 for s in (1, 2))
+    est = torch.stack([
+        (torch.exp(wd @ x - x @ x / 2) * torch.exp(wd @ y - y @ y / 2)).mean()
+        for wd in (favor.hadamard_orthogonal_matrix(2 * d, d, generator=gen(100 + s), dtype=torch.float64)
+                   for s in range(2000))])
+    assert abs(float(est.mean()) - math.exp(float(x @ y))) < 4 * float(est.std()) / math.sqrt(2000)
+
+
+@pytest.mark.parametrize("d", [16, 12], ids=lambda d: f"d{d}")
+def test_hadamard_sqrt_d_scaling_gives_equal_norms(d):
+    w = favor.hadamard_orthogonal_matrix(50, d, scaling="sqrt_d", generator=gen(7), dtype=torch.float64)
+    torch.testing.assert_close(w.norm(dim=1), torch.full((50,), math.sqrt(d), dtype=torch.float64))
+
+
 @pytest.mark.parametrize("kind", ["orthogonal", "hadamard", "givens"])
 def test_sqrt_d_scaling_gives_equal_norms(kind):
     w = favor.projection_matrix(kind, 50, 16, scaling="sqrt_d", generator=gen(7), dtype=torch.float64)

@@ -138,7 +138,8 @@ def hadamard_transform(x: torch.Tensor) -> torch.Tensor:
 class HadamardProjection:
     """Structured ORF ω = norms ⊙ rows of (H D₁ H D₂ H D₃) per block, applied in O(m log d).
 
-    ``signs``: (blocks, 3, d_pad) random ±1 diagonals; ``norms``: (m,) row norms.
+    ``signs``: (blocks, 3, d_pad) random ±1 diagonals; ``norms``: (m,) factors applied to the rows
+    (unit rows of the d_pad × d_pad block, restricted to the first d columns).
     """
 
     m: int
@@ -160,7 +161,7 @@ class HadamardProjection:
         y = hadamard_transform(xp * signs[:, 2])
         y = hadamard_transform(y * signs[:, 1])
         y = hadamard_transform(y * signs[:, 0])  # (..., blocks, d_pad)
-        y = y[..., : self.d].reshape(*x.shape[:-1], -1)[..., : self.m]  # d rows per block
+        y = y.reshape(*x.shape[:-1], -1)[..., : self.m]  # d_pad rows per block
         return y * self.norms.to(x)
 
     def to_dense(self, *, device=None, dtype=None) -> torch.Tensor:
@@ -176,14 +177,32 @@ def hadamard_projection(
     scaling: Scaling = "chi",
     generator: torch.Generator | None = None,
 ) -> HadamardProjection:
-    """Draw the structured Hadamard ORF as a :class:`HadamardProjection` (fast ``apply``)."""
+    """Draw the structured Hadamard ORF as a :class:`HadamardProjection` (fast ``apply``).
+
+    For d a power of two each block is d orthogonal rows scaled by ``scaling``'s norms.  Otherwise
+    the block is built in d_pad = 2^⌈log₂ d⌉ dimensions and its d_pad rows are restricted to the
+    first d coordinates: with ``"chi"`` the full rows get chi(d_pad) norms, so that each restricted
+    row is, like the full one, marginally Gaussian (a coordinate projection of N(0, I) is N(0, I));
+    with ``"sqrt_d"`` each restricted row is rescaled to norm √d.  The restricted rows are only
+    nearly orthogonal.
+    """
     _check_sizes(m, d)
     d_pad = 1 << (d - 1).bit_length()
-    blocks = math.ceil(m / d)
+    blocks = math.ceil(m / d_pad)
     dev = _generator_device(generator)
     bits = torch.randint(0, 2, (blocks, 3, d_pad), generator=generator, device=dev)
     signs = bits.to(torch.float64) * 2 - 1
-    return HadamardProjection(m, d, signs, _row_norms(m, d, scaling, generator))
+    if d == d_pad:
+        return HadamardProjection(m, d, signs, _row_norms(m, d, scaling, generator))
+    if scaling == "chi":
+        return HadamardProjection(m, d, signs, _row_norms(m, d_pad, scaling, generator))
+    _row_norms(m, d, scaling, generator)  # validates the scaling name
+    unit = HadamardProjection(m, d, signs, torch.ones(m, dtype=torch.float64, device=dev))
+    restricted = unit.apply(torch.eye(d, dtype=torch.float64, device=dev)).T.norm(dim=1)  # (m,)
+    if bool((restricted == 0).any()):
+        raise ValueError(f"a Hadamard row vanishes on the first {d} of its {d_pad} coordinates for this "
+                         "draw; use another seed, or scaling='chi'")
+    return HadamardProjection(m, d, signs, math.sqrt(d) / restricted)
 
 
 def hadamard_orthogonal_matrix(
@@ -197,9 +216,9 @@ def hadamard_orthogonal_matrix(
 ) -> torch.Tensor:
     """(m, d) dense form of :func:`hadamard_projection` (same draws for the same generator).
 
-    Each block holds d rows of H D₁ H D₂ H D₃ (d padded to a power of two, then the first d rows
-    and columns kept).  Rows are exactly orthogonal when d is a power of two; otherwise the
-    column truncation makes them only nearly so.
+    Each block holds the rows of H D₁ H D₂ H D₃ (d padded to a power of two d_pad, the first d
+    columns kept; see :func:`hadamard_projection` for the norms).  Rows are exactly orthogonal
+    when d is a power of two; otherwise the column restriction makes them only nearly so.
     """
     return hadamard_projection(m, d, scaling=scaling, generator=generator).to_dense(device=device, dtype=dtype)
 
