@@ -321,8 +321,47 @@ def test_bad_input_raises_clear_error(call, exc, match):
 def test_state_of_wrong_shape_is_rejected():
     q, k, v, w = _good()
     _, state = favor.favor_attention(q, k, v, w, is_causal=True, return_state=True)
-    with pytest.raises(ValueError, match="initial_state.kv has shape"):
+    with pytest.raises(ValueError, match=r"initial_state.kv must have shape \(1, "):
         favor.favor_attention(q[:1], k[:1], v[:1], w, is_causal=True, initial_state=state)
+
+
+def test_state_fields_are_validated():
+    """A missing kv, an oprf_a of the wrong shape, and an oprf_a with 1 - 4A <= 0 (NaN features)
+    are named errors, not torch broadcast errors or NaN outputs."""
+    q, k, v, w = _good()
+    B, H = q.shape[:2]
+    _, state = favor.favor_attention(q, k, v, w, is_causal=True, features="oprf", return_state=True)
+    call = lambda st: favor.favor_attention(q, k, v, w, is_causal=True, features="oprf", initial_state=st)  # noqa: E731
+    with pytest.raises(ValueError, match="initial_state.kv must have shape"):
+        call(state._replace(kv=None))
+    with pytest.raises(ValueError, match=rf"oprf_a must be a floating \(B, H\) = \({B}, {H}\) tensor"):
+        call(state._replace(oprf_a=state.oprf_a[:, 0]))
+    with pytest.raises(ValueError, match="oprf_a must be finite and below 1/4"):
+        call(state._replace(oprf_a=torch.ones_like(state.oprf_a)))
+    assert torch.isfinite(call(state._replace(oprf_a=torch.zeros_like(state.oprf_a)))).all()  # A = 0 is FAVOR+
+
+
+def test_empty_batch_with_mask_and_zero_head_dim():
+    q = torch.randn(0, 2, 5, 4)
+    w = torch.randn(8, 4)
+    for causal in (False, True):
+        out = favor.favor_attention(q, q, q, w, is_causal=causal, key_padding_mask=torch.ones(0, 5, dtype=torch.bool))
+        assert out.shape == (0, 2, 5, 4)
+    with pytest.raises(ValueError, match="head dim must be at least 1"):
+        favor.favor_attention(*(torch.randn(1, 1, 3, 0),) * 3, None, kernel="relu")
+
+
+def test_fused_kernels_allow_create_graph_for_the_first_gradient():
+    """create_graph=True (e.g. for a gradient penalty's first pass) works; differentiating the fused
+    backward again raises torch's once_differentiable error instead of a cryptic out= error."""
+    q, k, v, w = (t.double() for t in _good())
+    q.requires_grad_(True)
+    for causal in (False, True):
+        (g,) = torch.autograd.grad(favor.favor_attention(q, k, v, w, is_causal=causal).pow(2).sum(), q, create_graph=True)
+        (ref,) = torch.autograd.grad(favor.favor_attention(q, k, v, w, is_causal=causal).pow(2).sum(), q)
+        torch.testing.assert_close(g, ref, rtol=0, atol=0)
+        with pytest.raises(RuntimeError, match="once_differentiable"):
+            g.sum().backward()
 
 
 @pytest.mark.parametrize("is_causal", [False, True], ids=["bidir", "causal"])

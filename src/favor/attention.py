@@ -43,6 +43,8 @@ def _validate(query, key, value, projection, features, kernel, is_causal, key_pa
         )
     if D != Dk:
         raise ValueError(f"query has head dim {D} but key has {Dk}")
+    if D == 0:
+        raise ValueError(f"head dim must be at least 1, got query {tuple(query.shape)}")
     if Lk != Lv:
         raise ValueError(f"key has length {Lk} but value has {Lv}")
     if kernel not in KERNELS:
@@ -98,15 +100,18 @@ def _validate(query, key, value, projection, features, kernel, is_causal, key_pa
             raise ValueError("initial_state needs is_causal=True")
         if not isinstance(initial_state, FavorState):
             raise TypeError(f"initial_state must be a FavorState, got {type(initial_state).__name__}")
-        if initial_state.kv.shape[:2] != (B, H) or initial_state.kv.shape[-1] != value.shape[-1]:
-            raise ValueError(
-                f"initial_state.kv has shape {tuple(initial_state.kv.shape)}, expected (B, H, M, Dv) "
-                f"with B={B}, H={H}, Dv={value.shape[-1]}"
-            )
         M = D if projection is None else num_features(projection.shape[0], features, kernel)
         _check_state(initial_state, B, H, M, value.shape[-1])
-        if features in OPRF_FEATURES and initial_state.oprf_a is None:
+        a = initial_state.oprf_a
+        if features in OPRF_FEATURES and a is None:
             raise ValueError(f"initial_state has no oprf_a but features={features!r}")
+        if a is not None:
+            if not isinstance(a, torch.Tensor) or not a.is_floating_point() or tuple(a.shape) != (B, H):
+                got = f"{a.dtype} {tuple(a.shape)}" if isinstance(a, torch.Tensor) else type(a).__name__
+                raise ValueError(f"initial_state.oprf_a must be a floating (B, H) = ({B}, {H}) tensor, got {got}")
+            if bool((a >= 0.25).any()) or bool(torch.isinf(a).any()):
+                raise ValueError("initial_state.oprf_a must be finite and below 1/4 (FAVOR++ needs 1 - 4A > 0; "
+                                 f"NaN where no token was present), got max {float(a.nan_to_num(0).max())}")
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -108,10 +108,11 @@ def oprf_parameter(
     d = x.shape[-1]
     if y.shape[-1] != d:
         raise ValueError(f"x has {d} features but y has {y.shape[-1]}")
-    if y_mask is not None and (y_mask.dim() > y.dim() - 1 or any(
-            a not in (1, b) for a, b in zip(reversed(y_mask.shape), reversed(y.shape[:-1])))):
-        raise ValueError(f"y_mask must broadcast to {tuple(y.shape[:-1])} (y without its last dim), "
-                         f"got {tuple(y_mask.shape)}")
+    for name, mask, z in (("y_mask", y_mask, y), ("x_mask", x_mask, x)):
+        if mask is not None and (mask.dim() > z.dim() - 1 or any(
+                a not in (1, b) for a, b in zip(reversed(mask.shape), reversed(z.shape[:-1])))):
+            raise ValueError(f"{name} must broadcast to {tuple(z.shape[:-1])} ({name[0]} without its last dim), "
+                             f"got {tuple(mask.shape)}")
     x_sq, x_bar = _masked_moments(x, x_mask)
     y_sq, y_bar = _masked_moments(y, y_mask)
     rho = (x_sq + y_sq + 2 * (x_bar * y_bar).sum(-1)) / d
@@ -140,6 +141,8 @@ def _check_inputs(x: object, projection: object) -> None:
             f"projection must have shape (m, {x.shape[-1]}) with m > 0 to match x's last dim, "
             f"got {tuple(projection.shape)}"
         )
+    if projection.dtype != x.dtype:
+        raise TypeError(f"projection ({projection.dtype}) and x ({x.dtype}) must share a dtype")
 
 
 def _oprf_logits(

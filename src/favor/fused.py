@@ -393,6 +393,7 @@ class _BidirectionalFavor(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, gout):
         x, y, v, weight, bias, const, mask, out, den, hq, kv, c = ctx.saved_tensors
         spec = FeatureSpec(ctx.kind, weight, bias, const, ctx.m)
@@ -614,6 +615,7 @@ class _CausalFavor(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, gout):
         x, y, v, weight, bias, const, mask, out, den, states, logs = ctx.saved_tensors
         spec = FeatureSpec(ctx.kind, weight, bias, const, ctx.m)
@@ -702,7 +704,7 @@ def fused_attention(
     vg = v.reshape(G, v.shape[2], v.shape[3])
     mask = None
     if key_padding_mask is not None:
-        mask = key_padding_mask.unsqueeze(1).expand(B, H, -1).reshape(G, -1)
+        mask = key_padding_mask.unsqueeze(1).expand(B, H, -1).reshape(G, key_padding_mask.shape[-1])
     rows_g = rows
     tensors = (x, y, v, spec.weight, spec.bias)
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)

@@ -95,6 +95,10 @@ def _check_inputs(q_feat, k_feat, value, k_log_scale) -> None:
         raise ValueError(f"value must have shape ({B}, {H}, {Lk}, Dv) to match k_feat, got {tuple(value.shape)}")
     if k_log_scale is not None and tuple(k_log_scale.shape) != (B, H, Lk):
         raise ValueError(f"k_log_scale must have shape ({B}, {H}, {Lk}), got {tuple(k_log_scale.shape)}")
+    tensors = (("q_feat", q_feat), ("k_feat", k_feat), ("value", value), ("k_log_scale", k_log_scale))
+    dtypes = {name: t.dtype for name, t in tensors if t is not None}
+    if len(set(dtypes.values())) > 1:
+        raise TypeError(f"q_feat, k_feat, value and k_log_scale must share a dtype, got {dtypes}")
 
 
 def linear_attention(
