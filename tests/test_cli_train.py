@@ -149,6 +149,9 @@ def test_sigint_saves_and_exits_130(corpus, tmp_path):
     assert f"checkpoint: {ckpt.path}" in out
     last = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if "train_loss" in line][-1]
     assert ckpt.step == last >= 1
+    # eval-every 100000: the only validation was step 0's, and that is the step printed
+    assert "bits per byte at step 0" in out
+    assert json.loads((run / "summary.json").read_text())["val_step"] == 0
 
 
 FASTA = "".join(f">sp|Q{i}|P{i}\n" + "MKTAYIAKQRQISFVKSHFSRQ"[i % 5:] * 3 + "\n" for i in range(40))
@@ -254,3 +257,36 @@ def test_compat_lm_runs_joins_the_curves_at_the_switch(tmp_path, capsys):
     assert result["continuations"][0]["curve"] == [[0, 4.5], [5, 3.5]]
     assert plot.stat().st_size > 1000
     assert "cont: 4.5000 bits/byte at the switch, 3.5000 after 5 steps" in capsys.readouterr().out
+
+
+def test_diverging_run_is_a_one_line_error(corpus, tmp_path, capsys):
+    rc = _train("--data", corpus, "--out", tmp_path / "run", "--steps", "6", "--lr", "1e30", "--grad-clip", "0")
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].startswith("favor train: error: training loss became"), err
+
+
+def test_resume_refuses_another_runs_folder_and_a_target_already_reached(trained, corpus, tmp_path, capsys):
+    other = tmp_path / "other"
+    assert _train("--data", corpus, "--out", other, "--steps", "1", "--seed", "5") == 0
+    before = (other / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    rc = main(["train", "--resume", str(trained), "--out", str(other), "--steps", "3", "--no-progress"])
+    _one_line_error(capsys, rc, "train", "is not the run of checkpoint")
+    assert (other / "metrics.jsonl").read_text() == before
+    summary = (trained / "summary.json").read_text()
+    rc = main(["train", "--resume", str(trained), "--steps", "1", "--no-progress"])  # trained is at step 1
+    _one_line_error(capsys, rc, "train", "training to step 1 has nothing to do")
+    assert (trained / "summary.json").read_text() == summary
+
+
+def test_nproc_batch_split_is_checked_before_torchrun_starts(corpus, tmp_path, capsys):
+    rc = _train("--data", corpus, "--out", tmp_path / "run", "--batch-size", "3", "--nproc", "2")
+    _one_line_error(capsys, rc, "train", "--batch-size 3 must be divisible by --nproc 2")
+    assert not (tmp_path / "run").exists()
+
+
+def test_generate_checks_the_length_before_printing_the_prompt(trained, capsys):
+    rc = main(["generate", "--checkpoint", str(trained), "--prompt", "ab", "--max-new-tokens", "100000"])
+    assert capsys.readouterr().out == ""
+    assert rc == 2

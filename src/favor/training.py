@@ -129,6 +129,7 @@ class TrainResult:
     tokens_per_s: float
     metrics: Path | None
     plot: Path | None
+    val_step: int | None = None  # the step of the last validation (not ``step`` after a Ctrl-C)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -359,14 +360,14 @@ def train(
         )
 
     wall_start = time.perf_counter()
-    val_loss = val_bits = None
+    val_loss = val_bits = val_step = None
     checkpoint: Path | None = None
     interrupted = False
     train_time = 0.0
     steps_timed = 0
     model.train()
     if start_step == 0:
-        val_loss, val_bits = validate(0)
+        (val_loss, val_bits), val_step = validate(0), 0
     bar = tqdm(total=end, initial=start_step, unit="step", dynamic_ncols=True,
                disable=(None if progress is None else not progress) if main else True)
     step = start_step
@@ -403,7 +404,7 @@ def train(
                 bar.set_postfix_str(f"loss {loss_value / LN2:.3f} bits/{unit}, {tok_s:,.0f} tok/s", refresh=False)
             stop = agree(sigint.requested)
             if step % cfg.eval_every == 0 or step == end:
-                val_loss, val_bits = validate(step)
+                (val_loss, val_bits), val_step = validate(step), step
             if stop or step % cfg.save_every == 0 or step == end:
                 checkpoint = save(step) or checkpoint
             if stop:
@@ -418,10 +419,11 @@ def train(
                             title=f"{checkpoint_config['model'].get('attention', '')} LM on {Path(corpus.source).name}")
         n_params = sum(p.numel() for p in model.parameters())
         (out / "summary.json").write_text(json.dumps({
-            "step": step, "interrupted": interrupted, "val_loss": val_loss, f"val_bits_per_{unit}": val_bits,
+            "step": step, "interrupted": interrupted, "val_step": val_step, "val_loss": val_loss,
+            f"val_bits_per_{unit}": val_bits,
             "tokens_per_s": tokens_per_s, "train_seconds": train_time,
             "wall_seconds": time.perf_counter() - wall_start, "threads": torch.get_num_threads(), "parameters": n_params,
             "checkpoint": None if checkpoint is None else str(checkpoint),
         }, indent=1) + "\n")
     return TrainResult(step, interrupted, checkpoint, val_loss, val_bits, tokens_per_s,
-                       metrics_path if main else None, plot)
+                       metrics_path if main else None, plot, val_step)

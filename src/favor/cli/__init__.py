@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (CLIError, ValueError, TypeError, OSError) as exc:  # OSError: missing/unwritable paths
+    # OSError: missing/unwritable paths; ArithmeticError: a diverging run (non-finite loss)
+    except (CLIError, ValueError, TypeError, OSError, ArithmeticError) as exc:
         print(f"favor {args.command}: error: {exc}", file=sys.stderr)
         return 2

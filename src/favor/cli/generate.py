@@ -67,14 +67,17 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"--top-k {args.top_k} exceeds the vocabulary size {tok.vocab_size}")
     prompt = torch.tensor([ids], dtype=torch.long)  # (1, L0)
     g = torch.Generator().manual_seed(args.seed)
+    # generate_stream checks its arguments (e.g. prompt + new tokens <= max_len) when called, so
+    # a bad request fails before anything is printed
+    stream = model.generate_stream(prompt, args.max_new_tokens, temperature=args.temperature,
+                                   top_k=args.top_k, generator=g)
     out = sys.stdout
     out.write(args.prompt)
     out.flush()
     dec = tok.decode_stream()
     eos = getattr(tok, "eos", None)
     with torch.no_grad():
-        for t in model.generate_stream(prompt, args.max_new_tokens, temperature=args.temperature,
-                                       top_k=args.top_k, generator=g):
+        for t in stream:
             token = int(t[0])
             out.write(dec.feed(token))
             out.flush()

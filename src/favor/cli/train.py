@@ -147,6 +147,7 @@ def run(args: argparse.Namespace) -> int:
     from ..distributed import command_line, init_distributed, launch, shutdown
 
     if args.nproc != 1:  # relaunch this command under torchrun
+        _check_before_launch(args)
         return launch(["train", *command_line(args._parser, args, drop=("nproc",))], args.nproc)
     dist_ctx = init_distributed(args.backend)  # single-process context outside torchrun
     code = None
@@ -155,6 +156,28 @@ def run(args: argparse.Namespace) -> int:
         return code
     finally:
         shutdown(dist_ctx, synchronize=code == 0)
+
+
+def _check_before_launch(args: argparse.Namespace) -> None:
+    """What can be checked before torchrun starts the workers (whose errors come back as its
+    multi-line reports): the process count, the batch split, and a new run's --out."""
+    from ..training import TrainConfig
+
+    if isinstance(args.nproc, bool) or not isinstance(args.nproc, int) or args.nproc < 1:
+        raise CLIError(f"--nproc must be a positive integer, got {args.nproc!r}")
+    batch = getattr(args, "batch_size", None)  # absent unless given (argparse.SUPPRESS)
+    if batch is None and args.resume is None:
+        batch = TrainConfig.batch_size
+    if batch is not None and batch % args.nproc:
+        raise CLIError(f"--batch-size {batch} must be divisible by --nproc {args.nproc}")
+    if args.resume is None and args.out is not None:
+        _check_new_out(Path(args.out))
+
+
+def _check_new_out(out: Path) -> None:
+    """A new run never writes into a folder that holds something."""
+    if out.exists() and any(out.iterdir()):
+        raise CLIError(f"--out {out} is not empty; pass --resume to continue that run, or another --out")
 
 
 def _run(args: argparse.Namespace, dist_ctx: Any) -> int:
@@ -200,6 +223,13 @@ def _run(args: argparse.Namespace, dist_ctx: Any) -> int:
         # --stop-at belongs to one invocation: a resumed run goes on to --steps unless told otherwise.
         train_cfg = TrainConfig.from_dict({**ckpt.config["train"], "stop_at": 0, **train_explicit})
         out = Path(args.out) if args.out else ckpt.path.parent
+        if out.resolve() != ckpt.path.parent.resolve() and out.exists() and any(out.iterdir()):
+            raise CLIError(f"--out {out} is not empty and is not the run of checkpoint {where}; "
+                           "leave --out out to continue in that run, or give an empty folder")
+        target = train_cfg.stop_at or train_cfg.steps
+        if target <= ckpt.step:
+            raise CLIError(f"checkpoint {where} is at step {ckpt.step}: training to step {target} has nothing "
+                           f"to do; pass --steps above {ckpt.step}")
     else:
         corpus = load_corpus(args.data)
         base: dict[str, Any] = dict(MODEL_DEFAULTS)
@@ -219,8 +249,7 @@ def _run(args: argparse.Namespace, dist_ctx: Any) -> int:
         train_cfg = TrainConfig(**train_explicit)
         if args.out is not None:
             out = Path(args.out)
-            if out.exists() and any(out.iterdir()):
-                raise CLIError(f"--out {out} is not empty; pass --resume to continue that run, or another --out")
+            _check_new_out(out)
         else:
             out = _default_out(corpus.source, model_cfg.attention)
 
@@ -255,7 +284,7 @@ def _run(args: argparse.Namespace, dist_ctx: Any) -> int:
         return EXIT_INTERRUPTED if result.interrupted else 0
     unit = corpus.tokenizer.unit
     if result.val_bits is not None:
-        print(f"validation: {result.val_bits:.4f} bits per {unit} at step {result.step}")
+        print(f"validation: {result.val_bits:.4f} bits per {unit} at step {result.val_step}")
     print(f"throughput: {result.tokens_per_s:,.0f} tokens/s")
     print(f"checkpoint: {result.checkpoint}")
     print(f"metrics: {result.metrics}")
