@@ -43,6 +43,9 @@ def files(tmp_path_factory) -> Path:
     (root / "bad-metrics" / "metrics.json").write_text("{not json")
     (root / "wrong-metrics").mkdir()
     (root / "wrong-metrics" / "metrics.json").write_text('{"x": 1}')
+    for name in ("compat", "transfer"):  # results of finished favor compat runs
+        (root / f"{name}-done").mkdir()
+        (root / f"{name}-done" / f"{name}.json").write_text("{}")
 
     torch.manual_seed(0)
     cfg = PerformerConfig(**TINY_MODEL)
@@ -53,6 +56,7 @@ def files(tmp_path_factory) -> Path:
                         config={"model": cfg.to_dict(), "tokenizer": "bytes", **config})
 
     ckpt("lm")  # loadable by favor generate; no training description, no ListOps configuration
+    ckpt("protein-lm", tokenizer="protein")
     ckpt("bad-tokenizer", tokenizer="bpe")
     ckpt("bad-model", model={**cfg.to_dict(), "d_model": 7})
     ckpt("unknown-key", model={**cfg.to_dict(), "colour": "blue"})
@@ -213,12 +217,35 @@ OWN_ERRORS = [
                  id="approx-base-seed-negative"),
     pytest.param(["approx", "--quick", "--features", ","], "approx", "features must not be empty",
                  id="approx-features-empty"),
+    pytest.param(["approx", "--quick", "--json", "empty-dir"], "approx", "--json empty-dir is a folder",
+                 id="approx-json-is-a-folder"),
+    pytest.param(["approx", "--quick", "--plot-dir", "short.txt"], "approx", "--plot-dir short.txt is a file",
+                 id="approx-plot-dir-is-a-file"),
+    pytest.param(["approx", "--quick", "--model", "lm", "--dim", "8"], "approx",
+                 "with --model the model sets the head dim and causality; drop --dim", id="approx-model-and-dim"),
+    pytest.param(["approx", "--quick", "--model", "lm", "--causal"], "approx", "drop --causal",
+                 id="approx-model-and-causal"),
+    pytest.param(["approx", "--quick", "--model", "lm", "--sigma", "1"], "approx", "do not apply with --model",
+                 id="approx-model-and-sigma"),
+    pytest.param(["approx", "--quick", "--model", "protein-lm"], "approx",
+                 "a protein model needs a FASTA file to read (--text FILE)", id="approx-protein-model-without-text"),
+    pytest.param(["approx", "--quick", "--model", "protein-lm", "--text", "short.txt"], "approx",
+                 "'short.txt' is not FASTA, but the model was trained on proteins", id="approx-protein-model-text-file"),
     # favor compat (checked before transformers is imported)
     pytest.param(["compat", "--max-length", "0"], "compat", "--max-length must be in [1, 512]",
                  id="compat-max-length-0"),
     pytest.param(["compat", "--seed", "-1"], "compat", "--seed must be >= 0, got -1", id="compat-seed-negative"),
     pytest.param(["compat", "--lm-runs", "lm"], "compat", "--lm-runs needs a base run and at least one continuation",
                  id="compat-lm-runs-one"),
+    pytest.param(["compat", "--out", "compat-done"], "compat",
+                 "compat-done/compat.json already exists; choose another --out", id="compat-result-exists"),
+    pytest.param(["compat", "--lm-runs", "nope", "nope", "--out", "transfer-done"], "compat",
+                 "transfer-done/transfer.json already exists; choose another --out", id="compat-transfer-exists"),
+    pytest.param(["compat", "--steps", "5"], "compat", "distillation options need --finetune (got --steps)",
+                 id="compat-steps-without-finetune"),
+    pytest.param(["compat", "--finetune-kind", "oprf", "--finetune-ms", "16", "--batch-size", "2", "--lr", "1e-3"],
+                 "compat", "(got --finetune-kind, --finetune-ms, --batch-size, --lr)",
+                 id="compat-distillation-options-without-finetune"),
 ]
 
 

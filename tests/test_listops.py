@@ -257,6 +257,39 @@ def test_presets_and_config_validation():
     assert lra.ListOpsConfig.from_dict(cfg.to_dict()) == cfg
 
 
+def _option_help(help_text: str, option: str) -> str:
+    """The help of ``option`` in ``--help`` output, its lines joined (argparse wraps them)."""
+    lines = help_text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"  {option} "))
+    end = next(i for i in range(start + 1, len(lines)) if not lines[i].startswith("   "))
+    return " ".join(line.strip() for line in lines[start:end])
+
+
+def test_listops_help_shows_the_presets_defaults(capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["lra", "listops", "--help"])
+    text = capsys.readouterr().out
+    cpu, big = lra.PRESETS["cpu"](), lra.PRESETS["lra"]()
+    for option, a, b in (("--steps", cpu.steps, big.steps), ("--pooling", cpu.pooling, big.pooling),
+                         ("--warmup", cpu.warmup, big.warmup), ("--grad-clip", cpu.grad_clip, big.grad_clip),
+                         ("--mlp-ratio", cpu.model.mlp_ratio, big.model.mlp_ratio),
+                         ("--d-model", cpu.model.d_model, big.model.d_model),
+                         ("--train-size", cpu.data.train_size, big.data.train_size)):
+        assert f"(default: from --preset: cpu -> {a}, lra -> {b})" in _option_help(text, option), option
+    # equal in both presets: the value itself
+    assert "(default: 0.1)" in _option_help(text, "--weight-decay")
+    assert f"(default: {cpu.data.test_size})" in _option_help(text, "--test-size")
+
+
+@pytest.mark.parametrize("progress,shown", [(True, True), (False, False), (None, False)],
+                         ids=["forced-on", "off", "auto-not-a-terminal"])
+def test_progress_setting_reaches_the_data_generation_bar(tmp_path, capsys, progress, shown):
+    # capsys's stderr is not a terminal: only an explicit True shows both bars there
+    lra.train_listops(_tiny(steps=1, eval_every=1, checkpoint_every=1), tmp_path / "run", progress=progress)
+    err = capsys.readouterr().err
+    assert ("ListOps: 100%" in err) == shown and ("listops favor" in err) == shown, err
+
+
 def test_batches_are_a_function_of_step_and_cover_each_epoch():
     split = lo.generate_splits({"train": 40}, seed=0, min_length=10, max_length=40, max_depth=4)["train"]
     cfg = _tiny(batch_size=8)

@@ -32,12 +32,16 @@ import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from .feature_maps import FEATURES, OPRF_FEATURES, feature_map, oprf_parameter
 from .linear import causal_linear_attention, linear_attention
 from .projections import PROJECTIONS, projection_matrix
+
+if TYPE_CHECKING:
+    from .data.corpus import Tokenizer
 
 __all__ = [
     "DISTRIBUTIONS",
@@ -543,6 +547,23 @@ def plot_sweep(result: dict, out_dir: str | Path, *, prefix: str = "approx", aga
     return written
 
 
+def _text_ids(tokenizer: Tokenizer, text_path: str | Path | None) -> list[int]:
+    """The tokens fed to a model by :func:`model_inputs`.  A byte model reads ``text_path``
+    (default: this module's source) as text; a protein model reads it as training reads FASTA
+    (:func:`favor.data.corpus.load_corpus`: each record ``<bos> residues <eos>``, the training
+    records, then the validation ones), and has no default."""
+    from .data.corpus import load_corpus
+
+    if tokenizer.name != "protein":
+        return tokenizer.encode(Path(__file__ if text_path is None else text_path).read_text())
+    if text_path is None:
+        raise ValueError("a protein model needs a FASTA file to read (--text FILE)")
+    corpus = load_corpus(text_path)
+    if corpus.tokenizer.name != "protein":
+        raise ValueError(f"{str(text_path)!r} is not FASTA, but the model was trained on proteins")
+    return torch.cat((corpus.train, corpus.val)).tolist()
+
+
 def model_inputs(
     checkpoint: str | Path, config: ApproxConfig, *, text_path: str | Path | None = None
 ) -> tuple[ApproxConfig, Callable[[int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]], str]:
@@ -550,9 +571,10 @@ def model_inputs(
 
     Loads a ``favor train`` checkpoint (:func:`favor.checkpoint.load_checkpoint`), feeds it the
     first ``min(config.length, max_len)`` tokens of ``text_path`` (default: this module's own
-    source), and records the (rotated) q, k, v that reach each FAVOR layer.  Seed s of the sweep
-    uses layer/head number s mod (layers·heads) with fresh projections, so the spread over seeds
-    mixes heads and projection draws.  Returns (config with length, dim and causal set to the
+    source; a FASTA file, required, for a protein model: see :func:`_text_ids`), and records
+    the (rotated) q, k, v that reach each FAVOR layer.  Seed s of the sweep uses layer/head number
+    s mod (layers·heads) with fresh projections, so the spread over seeds mixes heads and
+    projection draws.  Returns (config with length, dim and causal set to the
     model's, ``seed -> (q (L, Dh), k (L, Dh), v (L, Dh))``, a one-line description).
     """
     from dataclasses import replace
@@ -570,9 +592,8 @@ def model_inputs(
     modules = list(favor_modules(model))
     if not modules:
         raise ValueError(f"checkpoint {str(checkpoint)!r} has no FAVOR attention layers (softmax model?)")
-    tok = tokenizer_from_name(ckpt.config["tokenizer"])
-    text = Path(text_path).read_text() if text_path is not None else Path(__file__).read_text()
-    ids = tok.encode(text)[: min(config.length, model_config.max_len)]
+    tokenizer = tokenizer_from_name(ckpt.config["tokenizer"])
+    ids = _text_ids(tokenizer, text_path)[: min(config.length, model_config.max_len)]
     if len(ids) < 2:
         raise ValueError(f"the text gives {len(ids)} tokens; need at least 2")
     captured: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]] = []

@@ -231,9 +231,10 @@ def lr_at(step: int, cfg: ListOpsConfig) -> float:
     return cfg.lr * min(step / cfg.warmup, math.sqrt(cfg.warmup / step))
 
 
-def load_data(data: ListOpsData, cache_dir: str | Path | None = None, *, progress: bool = False
+def load_data(data: ListOpsData, cache_dir: str | Path | None = None, *, progress: bool | None = False
               ) -> dict[str, lo.ListOpsSplit]:
-    """Generate the splits, or read them from ``cache_dir/<data.cache_name>`` (written on first use)."""
+    """Generate the splits, or read them from ``cache_dir/<data.cache_name>`` (written on first use).
+    ``progress``: show the generation's progress bar (None: only on a terminal)."""
     sizes = {"train": data.train_size, "val": data.val_size, "test": data.test_size}
     kwargs = dict(seed=data.data_seed, min_length=data.min_length, max_length=data.max_length,
                   max_depth=data.max_depth, max_args=data.max_args)
@@ -369,7 +370,7 @@ def train_listops(
         raise ValueError(f"{run_dir} already holds a checkpoint; pass resume=True (--resume) to continue it "
                          "or choose another run directory")
     run_dir.mkdir(parents=True, exist_ok=True)
-    splits = load_data(cfg.data, data_cache, progress=progress is not False)
+    splits = load_data(cfg.data, data_cache, progress=progress)
     train, val, test = splits["train"], splits["val"], splits["test"]
     cls = cfg.pooling == "cls"
 

@@ -19,8 +19,11 @@ def pyplot() -> Any:
 
 
 def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 120) -> Path:
-    """Lay out ``fig``, write it to ``path`` (creating its folder) and close it.  Returns the path."""
+    """Lay out ``fig``, write it to ``path`` (creating its folder) and close it.  A path without a
+    suffix gets ``.png`` (as matplotlib would add it).  Returns the path written."""
     path = Path(path)
+    if not path.suffix:
+        path = path.with_name(path.name + ".png")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi)

@@ -62,14 +62,16 @@ def register(subparsers) -> None:
                    help=f"distribution of the entries of q, k, v, all with std sigma (default: {d.distribution})")
     p.add_argument("--sigma", type=float, default=None, help=f"std of the entries of q, k, v (default: {d.sigma})")
     p.add_argument("--length", type=int, default=None, metavar="L", help=f"sequence length (default: {d.length})")
-    p.add_argument("--dim", type=int, default=None, metavar="D", help=f"head dim (default: {d.dim})")
+    p.add_argument("--dim", type=int, default=None, metavar="D",
+                   help=f"head dim (default: {d.dim}; with --model: the model's)")
     p.add_argument("--budgets", type=_ints, default=None, metavar="M1,M2,...",
                    help=f"output-feature budgets (default: {','.join(map(str, d.budgets))})")
     p.add_argument("--features", type=_names, default=None, metavar="K1,K2,...",
                    help=f"feature kinds (default: {','.join(d.features)})")
     p.add_argument("--projections", type=_names, default=None, metavar="P1,P2,...",
                    help=f"projection kinds (default: {','.join(d.projections)})")
-    p.add_argument("--causal", action="store_true", help="causal attention (query t sees keys 0..t)")
+    p.add_argument("--causal", action="store_true",
+                   help="causal attention (query t sees keys 0..t; with --model: as the model is)")
     p.add_argument("--rows", type=int, default=None, metavar="R",
                    help=f"query rows sampled for the errors (default: {d.rows}; >= L means all)")
     p.add_argument("--pairs", type=int, default=None, metavar="P",
@@ -81,7 +83,8 @@ def register(subparsers) -> None:
                    help="use the real queries and keys of a `favor train` checkpoint's attention layers "
                         "(run folder or step folder) instead of random inputs")
     p.add_argument("--text", metavar="FILE", default=None,
-                   help="with --model: the text fed to the model (default: this module's own source)")
+                   help="with --model: the text fed to the model, a FASTA file for a protein model "
+                        "(default: this module's own source; a protein model needs --text)")
     p.add_argument("--threads", type=int, default=None, metavar="N", help="torch CPU threads (default: torch's)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar (default: only on a terminal)")
@@ -103,6 +106,20 @@ def _config(args: argparse.Namespace):
     return ApproxConfig(**fields)
 
 
+def _prepare_outputs(args: argparse.Namespace) -> None:
+    """Check (and create the folders of) --json and --plot-dir before the sweep, not after it."""
+    if args.json is not None:
+        path = Path(args.json)
+        if path.is_dir():
+            raise CLIError(f"--json {args.json} is a folder; give a file path")
+        path.parent.mkdir(parents=True, exist_ok=True)
+    if args.plot_dir is not None:
+        folder = Path(args.plot_dir)
+        if folder.exists() and not folder.is_dir():
+            raise CLIError(f"--plot-dir {args.plot_dir} is a file; give a folder")
+        folder.mkdir(parents=True, exist_ok=True)
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -119,15 +136,20 @@ def run(args: argparse.Namespace) -> int:
             raise CLIError("--against theory needs the iid projection (add iid to --projections)")
         if args.plot_dir is None:
             raise CLIError("--against theory draws a plot: give --plot-dir")
+    if args.model is not None:
+        if args.dist is not None or args.sigma is not None:
+            raise CLIError("--dist and --sigma describe random inputs; they do not apply with --model")
+        given = [name for name, value in (("--dim", args.dim is not None), ("--causal", args.causal)) if value]
+        if given:
+            raise CLIError(f"with --model the model sets the head dim and causality; drop {' and '.join(given)}")
     config = _config(args)
     inputs = None
     if args.model is not None:
         from ..approx import model_inputs
 
-        if args.dist is not None or args.sigma is not None:
-            raise CLIError("--dist and --sigma describe random inputs; they do not apply with --model")
         config, inputs, about = model_inputs(args.model, config, text_path=args.text)
         print(about, file=sys.stderr)
+    _prepare_outputs(args)
     result = run_sweep(config, inputs=inputs, progress=args.progress)
     if args.model is not None:
         result["model"] = {"checkpoint": str(args.model)}
@@ -141,7 +163,6 @@ def run(args: argparse.Namespace) -> int:
         print(format_theory_table(result))
     if args.json is not None:
         path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=1) + "\n")
         print(f"wrote {path}")
     if args.plot_dir is not None:

@@ -22,6 +22,9 @@ __all__ = ["register"]
 
 KINDS = ("positive", "hyperbolic", "oprf", "trig", "relu")
 DEFAULT_KINDS = "positive,hyperbolic,oprf,relu"
+#: defaults of the options that only apply with --finetune (--finetune-ms's depends on --ms)
+FINETUNE_DEFAULTS = {"finetune_kind": "positive", "steps": 300, "batch_size": 16, "lr": 5e-5}
+_FINETUNE_ONLY = ("finetune_kind", "finetune_ms", "steps", "batch_size", "lr")
 
 
 def _ints(text: str) -> list[int]:
@@ -69,12 +72,19 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="projection and sentence-shuffle seed (default: 0)")
     p.add_argument("--max-length", type=int, default=128, metavar="L", help="token limit (default: 128)")
     p.add_argument("--finetune", action="store_true", help="also distil the FAVOR+ models and report recovery")
-    p.add_argument("--finetune-kind", choices=KINDS, default="positive", help="kind to distil (default: positive)")
+    # The distillation options default to None so that giving one without --finetune can be refused;
+    # _finetune_options fills in FINETUNE_DEFAULTS.
+    ft = FINETUNE_DEFAULTS
+    p.add_argument("--finetune-kind", choices=KINDS, default=None,
+                   help=f"with --finetune: kind to distil (default: {ft['finetune_kind']})")
     p.add_argument("--finetune-ms", type=_ints, default=None, metavar="M,M,...",
-                   help="m values to distil (default: 16,64,256 among --ms)")
-    p.add_argument("--steps", type=int, default=300, help="distillation steps per model (default: 300)")
-    p.add_argument("--batch-size", type=int, default=16, help="distillation batch size (default: 16)")
-    p.add_argument("--lr", type=float, default=5e-5, help="AdamW learning rate (default: 5e-5)")
+                   help="with --finetune: m values to distil (default: 16,64,256 among --ms)")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"with --finetune: distillation steps per model (default: {ft['steps']})")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help=f"with --finetune: distillation batch size (default: {ft['batch_size']})")
+    p.add_argument("--lr", type=float, default=None,
+                   help=f"with --finetune: AdamW learning rate (default: {ft['lr']})")
     p.add_argument("--out", default="runs/compat", metavar="DIR",
                    help="folder for compat.json and compat.png (default: runs/compat)")
     p.add_argument("--plot", default=None, metavar="PNG", help="plot path (default: OUT/compat.png)")
@@ -91,13 +101,32 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+def _finetune_options(args: argparse.Namespace) -> None:
+    """Refuse distillation options given without --finetune; fill in the defaults of the others."""
+    given = [f"--{name.replace('_', '-')}" for name in _FINETUNE_ONLY if getattr(args, name) is not None]
+    if given and not args.finetune:
+        raise CLIError(f"distillation options need --finetune (got {', '.join(given)})")
+    for name, default in FINETUNE_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+
+
+def _new_result_file(out: Path, name: str) -> Path:
+    """``out/name``, refused when it exists: a finished (or interrupted) run is never overwritten."""
+    path = out / name
+    if path.exists():
+        raise CLIError(f"{path} already exists; choose another --out (results are never overwritten)")
+    return path
+
+
 def _settings(kind: str, m: int, seed: int) -> dict:
     if kind == "relu":
         return dict(nb_features=m, features=None, kernel="relu", seed=seed)
     return dict(nb_features=m, features=kind, seed=seed)
 
 
-def _plot(result: dict, path: Path) -> None:
+def _plot(result: dict, path: Path) -> Path:
+    """Draw the sweep (and the distilled points) of ``result`` into ``path``; returns the file written."""
     from ..plotting import pyplot, save_figure
 
     plt = pyplot()
@@ -122,7 +151,7 @@ def _plot(result: dict, path: Path) -> None:
         f"all-MiniLM-L6-v2 with FAVOR+ attention ({result['n_eval']} held-out stdlib-docstring sentences)",
         fontsize=10,
     )
-    save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 def _val_curve(run: Path) -> list[tuple[int, float]]:
@@ -145,6 +174,8 @@ def run_lm_transfer(args: argparse.Namespace) -> int:
 
     plt = pyplot()
 
+    out = Path(args.out)
+    saved = _new_result_file(out, "transfer.json")
     runs = [Path(r) for r in args.lm_runs]
     base = _val_curve(runs[0])
     switch = base[-1][0]
@@ -164,15 +195,15 @@ def run_lm_transfer(args: argparse.Namespace) -> int:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title("softmax-trained PerformerLM continued with other attention (switch at the dotted line)", fontsize=9)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "transfer.json").write_text(json.dumps(result, indent=2) + "\n")
+    saved.write_text(json.dumps(result, indent=2) + "\n")
     plot = save_figure(fig, Path(args.plot) if args.plot else out / "transfer.png")
-    print(f"wrote {out / 'transfer.json'} and {plot}")
+    print(f"wrote {saved} and {plot}")
     return 0
 
 
 def run(args: argparse.Namespace) -> int:
+    _finetune_options(args)
     if args.lm_runs is not None:
         return run_lm_transfer(args)
     if args.replot:
@@ -180,13 +211,15 @@ def run(args: argparse.Namespace) -> int:
         if not saved.is_file():
             raise FileNotFoundError(f"{saved} does not exist; run favor compat --out {args.out} first")
         plot = Path(args.plot) if args.plot else Path(args.out) / "compat.png"
-        _plot(json.loads(saved.read_text()), plot)
+        plot = _plot(json.loads(saved.read_text()), plot)
         print(f"wrote {plot}")
         return 0
     if args.seed < 0:
         raise CLIError(f"--seed must be >= 0, got {args.seed}")
     if not 1 <= args.max_length <= 512:
         raise CLIError(f"--max-length must be in [1, 512] (MiniLM's position table), got {args.max_length}")
+    out = Path(args.out)
+    saved = _new_result_file(out, "compat.json")
     import torch
     from tqdm.auto import tqdm
 
@@ -228,12 +261,11 @@ def run(args: argparse.Namespace) -> int:
         "python": platform.python_version(), "torch": torch.__version__,
         "complete": False,
     }
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
     def save() -> None:  # after every case, so an interrupted run keeps what it measured
         result["seconds"] = round(time.perf_counter() - t0, 1)
-        (out / "compat.json").write_text(json.dumps(result, indent=2) + "\n")
+        saved.write_text(json.dumps(result, indent=2) + "\n")
 
     cases = [(k, m) for k in args.kinds for m in args.ms]
     print(f"{'kind':<11}{'m':>6}{'mean cos':>10}{'min cos':>9}{'NN agree':>10}")
@@ -268,7 +300,6 @@ def run(args: argparse.Namespace) -> int:
 
     result["complete"] = True
     save()
-    plot = Path(args.plot) if args.plot else out / "compat.png"
-    _plot(result, plot)
-    print(f"wrote {out / 'compat.json'} and {plot} ({result['seconds']} s)")
+    plot = _plot(result, Path(args.plot) if args.plot else out / "compat.png")
+    print(f"wrote {saved} and {plot} ({result['seconds']} s)")
     return 0

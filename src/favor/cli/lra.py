@@ -9,8 +9,11 @@ of the preset can be changed with its option.  ``favor lra plot``: validation cu
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from . import CLIError
 from .train import add_dataclass_options, explicit_values
@@ -19,6 +22,26 @@ __all__ = ["register"]
 
 _MODEL_FROM_EXPERIMENT = ("vocab_size", "max_len", "seed")  # set by favor.lra.listops_config
 _LRA_PUBLISHED = {"LRA Performer 18.01%": 0.1801, "LRA Transformer 36.37%": 0.3637}
+_DEFAULT_PRESET = "cpu"
+
+
+def _preset_defaults(part: Callable[[Any], Any]) -> dict[str, str]:
+    """Field name -> the default shown in its option's help, read from the presets themselves:
+    ``part`` picks the dataclass (the config, its data or its model) out of a preset's
+    ListOpsConfig.  A field equal in every preset shows its value; one that differs shows
+    ``from --preset: cpu -> X, lra -> Y`` (the default preset first)."""
+    from ..lra import PRESETS
+
+    names = sorted(PRESETS, key=lambda name: name != _DEFAULT_PRESET)
+    parts = {name: part(PRESETS[name]()) for name in names}
+    shown = {}
+    for f in dataclasses.fields(parts[_DEFAULT_PRESET]):
+        values = {name: getattr(obj, f.name) for name, obj in parts.items()}
+        if len({repr(v) for v in values.values()}) == 1:
+            shown[f.name] = str(values[_DEFAULT_PRESET])
+        else:
+            shown[f.name] = "from --preset: " + ", ".join(f"{name} -> {v}" for name, v in values.items())
+    return shown
 
 
 def register(subparsers) -> None:
@@ -40,8 +63,9 @@ def register(subparsers) -> None:
         ),
     )
     g = q.add_argument_group("run")
-    g.add_argument("--preset", choices=tuple(PRESETS), default="cpu",
-                   help="cpu: reduced model and data for 2 CPU cores; lra: LRA's configuration (default: cpu)")
+    g.add_argument("--preset", choices=tuple(PRESETS), default=_DEFAULT_PRESET,
+                   help=f"cpu: reduced model and data for 2 CPU cores; lra: LRA's configuration "
+                        f"(default: {_DEFAULT_PRESET})")
     g.add_argument("--out", metavar="DIR", required=True, help="run folder (checkpoints, metrics.json)")
     g.add_argument("--resume", action="store_true",
                    help="continue the run in --out (its configuration; only --steps may differ)")
@@ -51,11 +75,13 @@ def register(subparsers) -> None:
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar (default: only on a terminal)")
     tg = q.add_argument_group("training (favor.lra.ListOpsConfig)")
-    top_names = add_dataclass_options(tg, ListOpsConfig, exclude=("data", "model"))
+    top_names = add_dataclass_options(tg, ListOpsConfig, exclude=("data", "model"),
+                                      defaults=_preset_defaults(lambda cfg: cfg))
     dg = q.add_argument_group("data (favor.lra.ListOpsData)")
-    data_names = add_dataclass_options(dg, ListOpsData)
+    data_names = add_dataclass_options(dg, ListOpsData, defaults=_preset_defaults(lambda cfg: cfg.data))
     mg = q.add_argument_group("model (favor.models.PerformerConfig)")
-    model_names = add_dataclass_options(mg, PerformerConfig, exclude=_MODEL_FROM_EXPERIMENT)
+    model_names = add_dataclass_options(mg, PerformerConfig, exclude=_MODEL_FROM_EXPERIMENT,
+                                        defaults=_preset_defaults(lambda cfg: cfg.model))
     q.set_defaults(func=run_listops, _names=(top_names, data_names, model_names))
 
     pl = sub.add_parser("plot", help="plot validation accuracy of finished ListOps runs",

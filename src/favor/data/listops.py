@@ -270,12 +270,13 @@ def generate_splits(
     max_length: int = 2000,
     max_depth: int = 10,
     max_args: int = 10,
-    progress: bool = False,
+    progress: bool | None = False,
 ) -> dict[str, ListOpsSplit]:
     """Generate the splits (default LRA's train/val/test = 96,000/2,000/2,000) from ``seed``.
 
     Unique expressions are drawn in order and cut into the splits in the order of ``sizes``, so no
     expression appears twice, and the same seed and arguments always give the same data.
+    ``progress``: show a progress bar (None: only on a terminal).
     """
     sizes = dict(LRA_SPLITS if sizes is None else sizes)
     for name, n in sizes.items():
@@ -285,7 +286,7 @@ def generate_splits(
     total = sum(sizes.values())
     from tqdm.auto import tqdm
 
-    with tqdm(total=total, desc="ListOps", unit="expr", disable=None if progress else True) as bar:
+    with tqdm(total=total, desc="ListOps", unit="expr", disable=None if progress is None else not progress) as bar:
         out = {}
         for name, n in sizes.items():
             exprs = []
