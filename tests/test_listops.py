@@ -338,6 +338,11 @@ def test_train_resume_equals_uninterrupted(tmp_path, attention, features):
     with pytest.raises(ValueError, match="different configuration"):
         lra.train_listops(cfg.replace(lr=1e-4), tmp_path / "whole", resume=True, data_cache=tmp_path / "cache",
                           progress=False)
+    metrics = (tmp_path / "whole" / "metrics.json").read_text()
+    with pytest.raises(ValueError, match="training to step 2 has nothing to do"):  # "whole" is at step 4
+        lra.train_listops(cfg.replace(steps=2), tmp_path / "whole", resume=True, data_cache=tmp_path / "cache",
+                          progress=False)
+    assert (tmp_path / "whole" / "metrics.json").read_text() == metrics
 
 
 def test_cli_listops_and_plot(tmp_path, capsys):

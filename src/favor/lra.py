@@ -390,6 +390,9 @@ def train_listops(
         if saved.replace(steps=cfg.steps) != cfg:
             raise ValueError(f"{ck.path} was written with a different configuration "
                              f"({_config_diff(saved.to_dict(), cfg.to_dict())}); only steps may change on resume")
+        if cfg.steps <= ck.step:
+            raise ValueError(f"{ck.path} is at step {ck.step}: training to step {cfg.steps} has nothing to do; "
+                             f"pass --steps above {ck.step}")
         load_weights(model, ck)
         opt.load_state_dict(ck.optimizer_state_dict())
         restore_rng_state(ck)
