@@ -98,7 +98,7 @@ def register(subparsers) -> None:
     )
     own.add_argument("--lm-runs", nargs="+", default=None, metavar="RUN",
                      help="BASE CONTINUATION [CONTINUATION ...]: run folders of favor train (metrics.jsonl)")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, _parser=p)
 
 
 def _finetune_options(args: argparse.Namespace) -> None:
@@ -202,7 +202,22 @@ def run_lm_transfer(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plot_only(args: argparse.Namespace) -> None:
+    """--lm-runs and --replot only draw: refuse the sweep's options instead of ignoring them."""
+    mode = "--lm-runs" if args.lm_runs is not None else "--replot"
+    if args.lm_runs is not None and args.replot:
+        raise CLIError("--lm-runs and --replot exclude each other")
+    parser = args._parser
+    given = [f"--{name.replace('_', '-')}" for name in vars(args)
+             if name not in ("out", "plot", "lm_runs", "replot", "func", "_parser", "command")
+             and getattr(args, name) != parser.get_default(name)]
+    if given:
+        raise CLIError(f"{mode} only draws a plot; {', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply")
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.lm_runs is not None or args.replot:
+        _plot_only(args)
     _finetune_options(args)
     if args.lm_runs is not None:
         return run_lm_transfer(args)
