@@ -82,7 +82,8 @@ def _validate(query, key, value, projection, features, kernel, is_causal, key_pa
         if not isinstance(query_padding_mask, torch.Tensor):
             raise TypeError("query_padding_mask must be a bool tensor")
         if query_padding_mask.dtype != torch.bool:
-            raise TypeError(f"query_padding_mask must be torch.bool (True = a real query), got {query_padding_mask.dtype}")
+            raise TypeError("query_padding_mask must be torch.bool (True = a real query), "
+                            f"got {query_padding_mask.dtype}")
         if tuple(query_padding_mask.shape) != (B, Lq):
             raise ValueError(f"query_padding_mask must have shape (B, Lq) = ({B}, {Lq}), "
                              f"got {tuple(query_padding_mask.shape)}")
