@@ -351,17 +351,25 @@ def test_empty_batch_with_mask_and_zero_head_dim():
         favor.favor_attention(*(torch.randn(1, 1, 3, 0),) * 3, None, kernel="relu")
 
 
-def test_fused_kernels_allow_create_graph_for_the_first_gradient():
-    """create_graph=True (e.g. for a gradient penalty's first pass) works; differentiating the fused
-    backward again raises torch's once_differentiable error instead of a cryptic out= error."""
-    q, k, v, w = (t.double() for t in _good())
-    q.requires_grad_(True)
-    for causal in (False, True):
-        (g,) = torch.autograd.grad(favor.favor_attention(q, k, v, w, is_causal=causal).pow(2).sum(), q, create_graph=True)
-        (ref,) = torch.autograd.grad(favor.favor_attention(q, k, v, w, is_causal=causal).pow(2).sum(), q)
-        torch.testing.assert_close(g, ref, rtol=0, atol=0)
-        with pytest.raises(RuntimeError, match="once_differentiable"):
-            g.sum().backward()
+@pytest.mark.parametrize("is_causal", [False, True], ids=["bidir", "causal"])
+def test_higher_order_gradients_need_the_generic_backend(is_causal):
+    """The fused backward is not differentiable: create_graph=True is a clear error there (not a
+    silently zero Hessian), and backend='generic' gives the reference's Hessian."""
+    from favor.reference import explicit_favor_attention
+
+    q, k, v = make_qkv(1, 2, 6, 6, 4, 3, seed=3)
+    w = favor.gaussian_orthogonal_matrix(8, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    def loss(fn, **kw):
+        return lambda x: fn(x, k, v, w, is_causal=is_causal, **kw).pow(2).sum()
+
+    with pytest.raises(RuntimeError, match="no double backward.*backend='generic'"):
+        torch.autograd.functional.hessian(loss(favor.favor_attention), q)
+    hessian = torch.autograd.functional.hessian(loss(favor.favor_attention, backend="generic"), q)
+    expected = torch.autograd.functional.hessian(loss(explicit_favor_attention), q)
+    torch.testing.assert_close(hessian, expected, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="unknown backend 'cuda'"):
+        favor.favor_attention(q, k, v, w, backend="cuda")
 
 
 @pytest.mark.parametrize("is_causal", [False, True], ids=["bidir", "causal"])

@@ -92,10 +92,16 @@ def test_hadamard_rows_for_non_power_of_two_d_are_chi_and_unbiased(d):
     assert abs(float(est.mean()) - math.exp(float(x @ y))) < 4 * float(est.std()) / math.sqrt(2000)
 
 
-@pytest.mark.parametrize("d", [16, 12], ids=lambda d: f"d{d}")
+@pytest.mark.parametrize("d", [16, 12, 6, 5, 3], ids=lambda d: f"d{d}")
 def test_hadamard_sqrt_d_scaling_gives_equal_norms(d):
-    w = favor.hadamard_orthogonal_matrix(50, d, scaling="sqrt_d", generator=gen(7), dtype=torch.float64)
-    torch.testing.assert_close(w.norm(dim=1), torch.full((50,), math.sqrt(d), dtype=torch.float64))
+    """Every seed works (blocks with a row that vanishes on the first d coordinates are redrawn),
+    rows have norm √d, and the fast apply equals the dense matrix."""
+    x = torch.randn(4, d, dtype=torch.float64, generator=gen(1))
+    for seed in range(20):
+        w = favor.hadamard_orthogonal_matrix(256, d, scaling="sqrt_d", generator=gen(seed), dtype=torch.float64)
+        torch.testing.assert_close(w.norm(dim=1), torch.full((256,), math.sqrt(d), dtype=torch.float64))
+        proj = hadamard_projection(256, d, scaling="sqrt_d", generator=gen(seed))
+        torch.testing.assert_close(proj.apply(x), x @ w.T, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("kind", ["orthogonal", "hadamard", "givens"])

@@ -89,3 +89,30 @@ def test_threads_have_their_own_workspaces():
         t.join()
     for i in range(2):
         assert all(torch.equal(o, expected[i]) for o in got[i])
+
+
+def test_fake_tensor_tracing_leaves_the_workspace_alone():
+    """Shapes traced under FakeTensorMode (FLOP counters, memory estimators) must not be kept:
+    later eager calls would compute into fake storage."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    fused.release_workspace()
+    q, k, v, w, _ = _case(40, 0)
+    q, k, v = (t.detach() for t in (q, k, v))
+    expected = favor.favor_attention(q, k, v, w, is_causal=True)
+    fused.release_workspace()
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        favor.favor_attention(*(mode.from_tensor(t) for t in (q, k, v)), mode.from_tensor(w), is_causal=True)
+    assert not getattr(fused._WORKSPACE, "buffers", {}).get((torch.device("cpu"), torch.float64))
+    assert torch.equal(favor.favor_attention(q, k, v, w, is_causal=True), expected)
+
+
+def test_lowering_the_budget_drops_what_the_workspace_holds(monkeypatch):
+    fused.release_workspace()
+    q, k, v, w, _ = _case(300, 0)
+    favor.favor_attention(q.detach(), k.detach(), v.detach(), w, is_causal=True)
+    kept = fused._WORKSPACE.buffers[(torch.device("cpu"), torch.float64)]
+    assert kept
+    monkeypatch.setattr(fused, "WORKSPACE_BYTES", 0)
+    favor.favor_attention(q.detach(), k.detach(), v.detach(), w, is_causal=True)
+    assert not kept

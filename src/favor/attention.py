@@ -14,7 +14,10 @@ from .feature_maps import FEATURES, KERNELS, OPRF_FEATURES, feature_map, num_fea
 from .fused import FUSED_KINDS, fused_attention, make_spec
 from .linear import DEFAULT_CHUNK_SIZE, FavorState, _check_state, causal_linear_attention, linear_attention
 
-__all__ = ["favor_attention", "favor_attention_step"]
+__all__ = ["BACKENDS", "favor_attention", "favor_attention_step"]
+
+#: ``favor_attention(backend=...)``: "auto" (fused kernels where implemented) or "generic".
+BACKENDS = ("auto", "generic")
 
 
 def _check_tensor(name: str, t: object) -> torch.Tensor:
@@ -110,7 +113,8 @@ def _validate(query, key, value, projection, features, kernel, is_causal, key_pa
             if not isinstance(a, torch.Tensor) or not a.is_floating_point() or tuple(a.shape) != (B, H):
                 got = f"{a.dtype} {tuple(a.shape)}" if isinstance(a, torch.Tensor) else type(a).__name__
                 raise ValueError(f"initial_state.oprf_a must be a floating (B, H) = ({B}, {H}) tensor, got {got}")
-            if bool((a >= 0.25).any()) or bool(torch.isinf(a).any()):
+            # a data-dependent check: eager only (torch.compile cannot guard on values)
+            if not torch.compiler.is_compiling() and (bool((a >= 0.25).any()) or bool(torch.isinf(a).any())):
                 raise ValueError("initial_state.oprf_a must be finite and below 1/4 (FAVOR++ needs 1 - 4A > 0; "
                                  f"NaN where no token was present), got max {float(a.nan_to_num(0).max())}")
 
@@ -191,6 +195,7 @@ def favor_attention(
     return_state: bool = False,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     query_padding_mask: torch.Tensor | None = None,
+    backend: str = "auto",
 ) -> torch.Tensor | tuple[torch.Tensor, FavorState]:
     """Random-feature estimate of softmax(scale·QKᵀ)V in linear time and memory.
 
@@ -213,6 +218,10 @@ def favor_attention(
             FAVOR++ parameter A of ``"oprf"``/``"hyperbolic_oprf"`` reads it (padding queries
             must not move A); every query still gets its output.  Default: ``key_padding_mask``
             when Lq == Lk (self-attention), else all queries.
+        backend: ``"auto"``: the fused kernels (:mod:`favor.fused`, features recomputed in
+            backward, no double backward) for the kinds they implement, else the generic path;
+            ``"generic"``: always feature map + :mod:`favor.linear` under autograd (stores the
+            (L, M) features; differentiable to any order, e.g. for Hessians).
 
     Returns:
         (B, H, Lq, Dv) in the input dtype, and the :class:`FavorState` if ``return_state``.
@@ -231,6 +240,8 @@ def favor_attention(
             raise TypeError(f"{name} must be a bool, got {flag!r}")
     if return_state and not is_causal:
         raise ValueError("return_state needs is_causal=True")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
     _validate(query, key, value, projection, features, kernel, is_causal, key_padding_mask,
               scale, initial_state, chunk_size, query_padding_mask)
     out_dtype = query.dtype
@@ -241,8 +252,8 @@ def favor_attention(
         q, k = query.to(cdtype), key.to(cdtype)  # (B, H, L, D), features see x = root·q, y = root·k
         v = value.to(cdtype)
         proj = None if projection is None else projection.to(device=query.device, dtype=cdtype)
-        fused = _use_fused(features, kernel, (query, key, value, projection, initial_state), initial_state,
-                           return_state)
+        fused = backend == "auto" and _use_fused(features, kernel, (query, key, value, projection, initial_state),
+                                                 initial_state, return_state)
 
         oprf_a = feature_a = None  # A as carried in the state / as used by the features
         if features in OPRF_FEATURES and kernel == "softmax":

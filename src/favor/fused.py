@@ -45,6 +45,7 @@ from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from .feature_maps import RELU_EPSILON
 from .linear import _finite_or_zero, safe_denominator, vanishing_denominator
@@ -169,15 +170,24 @@ class _Scratch:
 @contextlib.contextmanager
 def _scratch(like: torch.Tensor) -> Iterator[_Scratch]:
     """A :class:`_Scratch` for one call: on CPU it borrows this thread's workspace unless a call in
-    this thread already holds it, or torch.compile is tracing (traced graphs own their buffers)."""
-    if (like.device.type != "cpu" or WORKSPACE_BYTES <= 0 or getattr(_WORKSPACE, "busy", False)
-            or torch.compiler.is_compiling()):
+    this thread already holds it, torch.compile is tracing or a dispatch mode (fake tensors, FLOP
+    counters) is active, or the input is a tensor subclass: traced and fake tensors must never be
+    kept.  A workspace above a lowered :data:`WORKSPACE_BYTES` is dropped first."""
+    if (like.device.type != "cpu" or type(like) is not torch.Tensor or getattr(_WORKSPACE, "busy", False)
+            or torch.compiler.is_compiling() or is_in_torch_dispatch_mode()):
         yield _Scratch(like)
         return
     buffers = _WORKSPACE.__dict__.setdefault("buffers", {})
+    key = (like.device, like.dtype)
+    kept = buffers.get(key, {})
+    if sum(b.numel() * b.element_size() for b in kept.values()) > max(WORKSPACE_BYTES, 0):
+        kept.clear()
+    if WORKSPACE_BYTES <= 0:
+        yield _Scratch(like)
+        return
     _WORKSPACE.busy = True
     try:
-        yield _Scratch(like, buffers.setdefault((like.device, like.dtype), {}))
+        yield _Scratch(like, buffers.setdefault(key, {}))
     finally:
         _WORKSPACE.busy = False
 
@@ -316,6 +326,15 @@ def _input_weights(weight: torch.Tensor | None, root: float):
     return w_in, torch.nn.functional.pad(w_in, (0, 1), value=1.0)
 
 
+def _no_double_backward() -> None:
+    """The backward passes below are not themselves differentiable: with create_graph=True (grad
+    mode on inside backward) fail loudly instead of returning gradients that silently lack their
+    own graph (zero Hessians)."""
+    if torch.is_grad_enabled():
+        raise RuntimeError("favor's fused kernels have no double backward (create_graph=True); pass "
+                           "backend='generic' to favor_attention for gradients of gradients")
+
+
 def _blocks(length: int, rows: int):
     for start in range(0, length, rows):
         yield start, min(start + rows, length)
@@ -393,8 +412,8 @@ class _BidirectionalFavor(torch.autograd.Function):
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, gout):
+        _no_double_backward()
         x, y, v, weight, bias, const, mask, out, den, hq, kv, c = ctx.saved_tensors
         spec = FeatureSpec(ctx.kind, weight, bias, const, ctx.m)
         rows, root = ctx.rows, ctx.root
@@ -615,8 +634,8 @@ class _CausalFavor(torch.autograd.Function):
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, gout):
+        _no_double_backward()
         x, y, v, weight, bias, const, mask, out, den, states, logs = ctx.saved_tensors
         spec = FeatureSpec(ctx.kind, weight, bias, const, ctx.m)
         needs_x, needs_y, needs_v, needs_w, needs_b = ctx.needs_input_grad[:5]

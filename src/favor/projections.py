@@ -170,6 +170,12 @@ class HadamardProjection:
         return _finish(w, device, dtype)
 
 
+#: sqrt_d Hadamard rows restricted to d < d_pad coordinates: a block is redrawn while one of its
+#: rows keeps less than this norm (of 1), at most _MAX_REDRAWS times
+_VANISHING_ROW = 1e-3
+_MAX_REDRAWS = 100
+
+
 def hadamard_projection(
     m: int,
     d: int,
@@ -197,12 +203,19 @@ def hadamard_projection(
     if scaling == "chi":
         return HadamardProjection(m, d, signs, _row_norms(m, d_pad, scaling, generator))
     _row_norms(m, d, scaling, generator)  # validates the scaling name
-    unit = HadamardProjection(m, d, signs, torch.ones(m, dtype=torch.float64, device=dev))
-    restricted = unit.apply(torch.eye(d, dtype=torch.float64, device=dev)).T.norm(dim=1)  # (m,)
-    if bool((restricted == 0).any()):
-        raise ValueError(f"a Hadamard row vanishes on the first {d} of its {d_pad} coordinates for this "
-                         "draw; use another seed, or scaling='chi'")
-    return HadamardProjection(m, d, signs, math.sqrt(d) / restricted)
+    eye = torch.eye(d, dtype=torch.float64, device=dev)
+    ones = torch.ones(m, dtype=torch.float64, device=dev)
+    for _ in range(_MAX_REDRAWS):
+        # (blocks, d_pad): norms of the unit rows restricted to the first d coordinates
+        restricted = torch.nn.functional.pad(HadamardProjection(m, d, signs, ones).apply(eye).T.norm(dim=1),
+                                             (0, blocks * d_pad - m), value=1.0).view(blocks, d_pad)
+        bad = restricted.amin(1) < _VANISHING_ROW  # such a row's direction would be rounding noise
+        if not bool(bad.any()):
+            return HadamardProjection(m, d, signs, math.sqrt(d) / restricted.flatten()[:m])
+        redrawn = torch.randint(0, 2, (int(bad.sum()), 3, d_pad), generator=generator, device=dev)
+        signs[bad] = redrawn.to(torch.float64) * 2 - 1  # redraw those blocks' signs
+    raise ValueError(f"no Hadamard block for d={d} without a vanishing row in {_MAX_REDRAWS} draws; "
+                     "use scaling='chi' or another projection")
 
 
 def hadamard_orthogonal_matrix(
