@@ -30,6 +30,18 @@ def _check_tensor(name: str, t: object) -> torch.Tensor:
     return t
 
 
+def _check_mask(name: str, mask: object, meaning: str, dims: str, shape: tuple[int, int]) -> None:
+    """None, or a bool tensor of ``shape`` (named ``dims`` in the message)."""
+    if mask is None:
+        return
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name} must be a bool tensor")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"{name} must be torch.bool ({meaning}), got {mask.dtype}")
+    if tuple(mask.shape) != shape:
+        raise ValueError(f"{name} must have shape {dims} = {shape}, got {tuple(mask.shape)}")
+
+
 def _validate(query, key, value, projection, features, kernel, is_causal, key_padding_mask,
               scale, initial_state, chunk_size, query_padding_mask=None) -> None:
     for name, t in (("query", query), ("key", key), ("value", value)):
@@ -69,27 +81,11 @@ def _validate(query, key, value, projection, features, kernel, is_causal, key_pa
             )
         if not projection.is_floating_point():
             raise TypeError(f"projection must be floating point, got {projection.dtype}")
-    if key_padding_mask is not None:
-        if not isinstance(key_padding_mask, torch.Tensor):
-            raise TypeError("key_padding_mask must be a bool tensor")
-        if key_padding_mask.dtype != torch.bool:
-            raise TypeError(f"key_padding_mask must be torch.bool (True = attend), got {key_padding_mask.dtype}")
-        if tuple(key_padding_mask.shape) != (B, Lk):
-            raise ValueError(
-                f"key_padding_mask must have shape (B, Lk) = ({B}, {Lk}), got {tuple(key_padding_mask.shape)}"
-            )
-    if query_padding_mask is not None:
-        if is_causal:
-            raise ValueError("query_padding_mask is for bidirectional attention; causal attention reads "
-                             "padding from key_padding_mask")
-        if not isinstance(query_padding_mask, torch.Tensor):
-            raise TypeError("query_padding_mask must be a bool tensor")
-        if query_padding_mask.dtype != torch.bool:
-            raise TypeError("query_padding_mask must be torch.bool (True = a real query), "
-                            f"got {query_padding_mask.dtype}")
-        if tuple(query_padding_mask.shape) != (B, Lq):
-            raise ValueError(f"query_padding_mask must have shape (B, Lq) = ({B}, {Lq}), "
-                             f"got {tuple(query_padding_mask.shape)}")
+    _check_mask("key_padding_mask", key_padding_mask, "True = attend", "(B, Lk)", (B, Lk))
+    if query_padding_mask is not None and is_causal:
+        raise ValueError("query_padding_mask is for bidirectional attention; causal attention reads "
+                         "padding from key_padding_mask")
+    _check_mask("query_padding_mask", query_padding_mask, "True = a real query", "(B, Lq)", (B, Lq))
     if is_causal and Lq != Lk:
         raise ValueError(f"is_causal=True needs equal query and key lengths, got Lq={Lq}, Lk={Lk}")
     if scale is not None:

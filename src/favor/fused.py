@@ -121,6 +121,10 @@ def make_spec(
 _WORKSPACE = threading.local()  # .buffers: {(device, dtype): {name: flat tensor}}; .busy: bool
 
 
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def release_workspace() -> None:
     """Free the scratch buffers that the fused kernels keep between calls in this thread."""
     _WORKSPACE.__dict__.pop("buffers", None)
@@ -158,8 +162,7 @@ class _Scratch:
         buf = keep.get(name)
         if buf is not None and buf.numel() >= numel:
             return buf
-        others = sum(b.numel() for n, b in keep.items() if n != name)
-        if (others + numel) * self.like.element_size() > WORKSPACE_BYTES:
+        if _nbytes(b for n, b in keep.items() if n != name) + numel * self.like.element_size() > WORKSPACE_BYTES:
             return self.like.new_empty(numel)
         with torch.inference_mode(False):  # a normal tensor, writable inside and outside inference mode
             buf = torch.empty(numel, dtype=self.like.dtype, device=self.like.device)
@@ -177,17 +180,15 @@ def _scratch(like: torch.Tensor) -> Iterator[_Scratch]:
             or torch.compiler.is_compiling() or is_in_torch_dispatch_mode()):
         yield _Scratch(like)
         return
-    buffers = _WORKSPACE.__dict__.setdefault("buffers", {})
-    key = (like.device, like.dtype)
-    kept = buffers.get(key, {})
-    if sum(b.numel() * b.element_size() for b in kept.values()) > max(WORKSPACE_BYTES, 0):
+    kept = _WORKSPACE.__dict__.setdefault("buffers", {}).setdefault((like.device, like.dtype), {})
+    if _nbytes(kept.values()) > max(WORKSPACE_BYTES, 0):
         kept.clear()
     if WORKSPACE_BYTES <= 0:
         yield _Scratch(like)
         return
     _WORKSPACE.busy = True
     try:
-        yield _Scratch(like, buffers.setdefault(key, {}))
+        yield _Scratch(like, kept)
     finally:
         _WORKSPACE.busy = False
 

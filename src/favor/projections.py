@@ -202,17 +202,15 @@ def hadamard_projection(
         return HadamardProjection(m, d, signs, _row_norms(m, d, scaling, generator))
     if scaling == "chi":
         return HadamardProjection(m, d, signs, _row_norms(m, d_pad, scaling, generator))
-    _row_norms(m, d, scaling, generator)  # validates the scaling name
-    eye = torch.eye(d, dtype=torch.float64, device=dev)
+    norms = _row_norms(m, d, scaling, generator)  # sqrt_d: √d for every row
     ones = torch.ones(m, dtype=torch.float64, device=dev)
     for _ in range(_MAX_REDRAWS):
-        # (blocks, d_pad): norms of the unit rows restricted to the first d coordinates
-        restricted = torch.nn.functional.pad(HadamardProjection(m, d, signs, ones).apply(eye).T.norm(dim=1),
-                                             (0, blocks * d_pad - m), value=1.0).view(blocks, d_pad)
-        bad = restricted.amin(1) < _VANISHING_ROW  # such a row's direction would be rounding noise
-        if not bool(bad.any()):
-            return HadamardProjection(m, d, signs, math.sqrt(d) / restricted.flatten()[:m])
-        redrawn = torch.randint(0, 2, (int(bad.sum()), 3, d_pad), generator=generator, device=dev)
+        restricted = HadamardProjection(m, d, signs, ones).to_dense(dtype=torch.float64).norm(dim=1)  # (m,)
+        # blocks holding a row whose restricted direction would be rounding noise
+        bad = torch.unique((restricted < _VANISHING_ROW).nonzero().flatten() // d_pad)
+        if bad.numel() == 0:
+            return HadamardProjection(m, d, signs, norms / restricted)
+        redrawn = torch.randint(0, 2, (bad.numel(), 3, d_pad), generator=generator, device=dev)
         signs[bad] = redrawn.to(torch.float64) * 2 - 1  # redraw those blocks' signs
     raise ValueError(f"no Hadamard block for d={d} without a vanishing row in {_MAX_REDRAWS} draws; "
                      "use scaling='chi' or another projection")

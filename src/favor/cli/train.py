@@ -160,15 +160,14 @@ def run(args: argparse.Namespace) -> int:
 
 def _check_before_launch(args: argparse.Namespace) -> None:
     """What can be checked before torchrun starts the workers (whose errors come back as its
-    multi-line reports): the process count, the batch split, and a new run's --out."""
+    multi-line reports): the batch split and a new run's --out (launch itself rejects a bad
+    --nproc)."""
     from ..training import TrainConfig
 
-    if isinstance(args.nproc, bool) or not isinstance(args.nproc, int) or args.nproc < 1:
-        raise CLIError(f"--nproc must be a positive integer, got {args.nproc!r}")
     batch = getattr(args, "batch_size", None)  # absent unless given (argparse.SUPPRESS)
     if batch is None and args.resume is None:
         batch = TrainConfig.batch_size
-    if batch is not None and batch % args.nproc:
+    if batch is not None and args.nproc >= 1 and batch % args.nproc:
         raise CLIError(f"--batch-size {batch} must be divisible by --nproc {args.nproc}")
     if args.resume is None and args.out is not None:
         _check_new_out(Path(args.out))
