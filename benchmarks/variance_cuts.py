@@ -28,6 +28,11 @@ Estimators (x = q/d^¼, y = k/d^¼; "orthogonal" = Haar blocks of d rows with ch
   complex A (Re A < 1/8) and b₁; the estimate is Re(f₁f₂), i.e. two real features (real and
   imaginary parts) per ω, on M/2 orthogonal ω.  (A, b₁) minimise the mean relative second moment
   (closed form) over 256 (x, y) pairs of this draw, from FAVOR++'s real and trig's imaginary start.
+* ``hyperbolic_oprf_keycv`` (also ``/hadamard``): hyperbolic_oprf on M/2 − 1 projection pairs with a
+  key-side control variate: φ(x)ᵀφ(y) − (F̄(y) − E F̄(y)), F̄(y) the mean of y's features and
+  E F̄(y) its closed form (1 − 4A)^{d/4}(1 − 2A)^{−d/2}·exp((B²/(2(1 − 2A)) − ½)‖y‖²): one more
+  feature (1 for queries, −(F̄(y) − E F̄(y)) for keys), unbiased.  A query-side twin only adds a
+  constant to each row, which the normalisation no longer cancels, so it is left out.
 * ``oprf_control``: FAVOR++ with a linear control variate: φ_r(x) − β(1 + ω_rᵀx) on both sides plus
   the exact (2β − β²)-weighted corrections, β = 0.8 (unbiased for every β); costs d + 1 exact
   features.
@@ -57,7 +62,8 @@ from favor.projections import _haar_orthogonal_block, gaussian_orthogonal_matrix
 DEFAULT_ESTIMATORS = ("positive", "oprf", "hyperbolic_oprf", "hyperbolic_oprf*0.5", "hyperbolic_oprf*1.5",
                       "hyperbolic_oprf/hadamard", "hyperbolic_oprf/mub",
                       "hyperbolic_oprf/simplex", "hyperbolic_oprf/stratified", "hyperbolic_oprf/sqrt_d",
-                      "hyperbolic_sderf", "complex_gerf", "oprf_control", "maclaurin", "taylor2", "taylor1_exact")
+                      "hyperbolic_sderf", "complex_gerf", "hyperbolic_oprf_keycv",
+                      "hyperbolic_oprf_keycv/hadamard", "oprf_control", "maclaurin", "taylor2", "taylor1_exact")
 BIASED = {"hyperbolic_oprf/sqrt_d", "taylor2", "taylor1_exact"}
 
 
@@ -111,6 +117,14 @@ def projection(kind: str, m: int, d: int, g: torch.Generator) -> torch.Tensor:
         return unit * _stratified_chi_norms(m, d, g).unsqueeze(1)
     # chi norms drawn as favor draws them: norms of Gaussian rows
     return directions(kind, m, d, g) * torch.randn(m, d, generator=g, dtype=torch.float64).norm(dim=1).unsqueeze(1)
+
+
+def _gerf_mean(z: torch.Tensor, a: float) -> torch.Tensor:
+    """(L,) closed-form E_ω[f(ω, z)] of one ``_gerf`` feature with scalar a, ω ~ N(0, I)."""
+    d = z.shape[-1]
+    b2 = 1 - 4 * a
+    return math.exp(d / 4 * math.log(b2)) * (1 - 2 * a) ** (-d / 2) * torch.exp(
+        (b2 / (2 * (1 - 2 * a)) - 0.5) * z.pow(2).sum(-1))
 
 
 def _gerf(z: torch.Tensor, w: torch.Tensor, a: torch.Tensor | float, basis: torch.Tensor | None = None) -> torch.Tensor:
@@ -205,6 +219,13 @@ def kernel_matrix(name: str, x: torch.Tensor, y: torch.Tensor, budget: int, g: t
         w = torch.cat((w, -w))
         a = a_scale * float(oprf_parameter(x, y))
         return _gerf(x, w, a) @ _gerf(y, w, a).T / w.shape[0]
+    if kind == "hyperbolic_oprf_keycv":
+        w = projection(proj_kind or "orthogonal", (budget - 1) // 2, d, g)
+        w = torch.cat((w, -w))
+        a = float(oprf_parameter(x, y))
+        fy = _gerf(y, w, a)  # (L, m)
+        control = fy.mean(-1) - _gerf_mean(y, a)  # (L,): zero-mean, exactly
+        return _gerf(x, w, a) @ fy.T / w.shape[0] - control
     if kind == "hyperbolic_sderf":
         n = x.shape[0]
         xb, yb = x.mean(0), y.mean(0)
@@ -228,12 +249,9 @@ def kernel_matrix(name: str, x: torch.Tensor, y: torch.Tensor, budget: int, g: t
         fx, fy = _gerf(x, w, a), _gerf(y, w, a)
         lx, ly = 1 + x @ w.T, 1 + y @ w.T
         # E[φ_w(z) ω] = e_z·c·z and E[φ_w(z)] = e_z, with c = B/(1 − 2A)
-        def mean_feature(z):
-            return math.exp(d / 4 * math.log(1 - 4 * a)) * (1 - 2 * a) ** (-d / 2) * torch.exp(
-                (b * b / (2 * (1 - 2 * a)) - 0.5) * z.pow(2).sum(-1, keepdim=True))
         c = b / (1 - 2 * a)
         k = (fx - beta * lx) @ (fy - beta * ly).T / m
-        return k + beta * (mean_feature(x) + mean_feature(y).T) * (1 + c * t) - beta ** 2 * (1 + t)
+        return k + beta * (_gerf_mean(x, a)[:, None] + _gerf_mean(y, a)[None, :]) * (1 + c * t) - beta ** 2 * (1 + t)
     if kind in ("maclaurin", "taylor2"):
         m3 = 60 if kind == "maclaurin" else 0
         m2 = budget - (d + 1) - 1 - m3
