@@ -28,11 +28,13 @@ Estimators (x = q/d^¼, y = k/d^¼; "orthogonal" = Haar blocks of d rows with ch
   complex A (Re A < 1/8) and b₁; the estimate is Re(f₁f₂), i.e. two real features (real and
   imaginary parts) per ω, on M/2 orthogonal ω.  (A, b₁) minimise the mean relative second moment
   (closed form) over 256 (x, y) pairs of this draw, from FAVOR++'s real and trig's imaginary start.
-* ``hyperbolic_oprf_keycv`` (also ``/hadamard``): hyperbolic_oprf on M/2 − 1 projection pairs with a
+* ``hyperbolic_oprf_keycv`` (also ``/hadamard``): hyperbolic_oprf with a
   key-side control variate: φ(x)ᵀφ(y) − (F̄(y) − E F̄(y)), F̄(y) the mean of y's features and
-  E F̄(y) its closed form (1 − 4A)^{d/4}(1 − 2A)^{−d/2}·exp((B²/(2(1 − 2A)) − ½)‖y‖²): one more
-  feature (1 for queries, −(F̄(y) − E F̄(y)) for keys), unbiased.  A query-side twin only adds a
-  constant to each row, which the normalisation no longer cancels, so it is left out.
+  E F̄(y) its closed form (1 − 4A)^{d/4}(1 − 2A)^{−d/2}·exp((B²/(2(1 − 2A)) − ½)‖y‖²), on M/2 − 1
+  projection pairs: one more
+  feature (1 for queries, −(F̄(y) − E F̄(y)) for keys), unbiased.  ``hyperbolic_oprf_qkcv`` subtracts
+  the query-side twin as well (one more feature): it only adds a constant to each row, which the
+  normalisation does not cancel.
 * ``oprf_control``: FAVOR++ with a linear control variate: φ_r(x) − β(1 + ω_rᵀx) on both sides plus
   the exact (2β − β²)-weighted corrections, β = 0.8 (unbiased for every β); costs d + 1 exact
   features.
@@ -63,7 +65,7 @@ DEFAULT_ESTIMATORS = ("positive", "oprf", "hyperbolic_oprf", "hyperbolic_oprf*0.
                       "hyperbolic_oprf/hadamard", "hyperbolic_oprf/mub",
                       "hyperbolic_oprf/simplex", "hyperbolic_oprf/stratified", "hyperbolic_oprf/sqrt_d",
                       "hyperbolic_sderf", "complex_gerf", "hyperbolic_oprf_keycv",
-                      "hyperbolic_oprf_keycv/hadamard", "oprf_control", "maclaurin", "taylor2", "taylor1_exact")
+                      "hyperbolic_oprf_keycv/hadamard", "hyperbolic_oprf_qkcv", "oprf_control", "maclaurin", "taylor2", "taylor1_exact")
 BIASED = {"hyperbolic_oprf/sqrt_d", "taylor2", "taylor1_exact"}
 
 
@@ -219,13 +221,15 @@ def kernel_matrix(name: str, x: torch.Tensor, y: torch.Tensor, budget: int, g: t
         w = torch.cat((w, -w))
         a = a_scale * float(oprf_parameter(x, y))
         return _gerf(x, w, a) @ _gerf(y, w, a).T / w.shape[0]
-    if kind == "hyperbolic_oprf_keycv":
-        w = projection(proj_kind or "orthogonal", (budget - 1) // 2, d, g)
+    if kind in ("hyperbolic_oprf_keycv", "hyperbolic_oprf_qkcv"):
+        w = projection(proj_kind or "orthogonal", (budget - 2) // 2, d, g)
         w = torch.cat((w, -w))
         a = float(oprf_parameter(x, y))
-        fy = _gerf(y, w, a)  # (L, m)
-        control = fy.mean(-1) - _gerf_mean(y, a)  # (L,): zero-mean, exactly
-        return _gerf(x, w, a) @ fy.T / w.shape[0] - control
+        fx, fy = _gerf(x, w, a), _gerf(y, w, a)  # (L, m)
+        k = fx @ fy.T / w.shape[0] - (fy.mean(-1) - _gerf_mean(y, a))  # key control: zero-mean, exactly
+        if kind == "hyperbolic_oprf_qkcv":
+            k = k - (fx.mean(-1) - _gerf_mean(x, a))[:, None]
+        return k
     if kind == "hyperbolic_sderf":
         n = x.shape[0]
         xb, yb = x.mean(0), y.mean(0)

@@ -97,7 +97,7 @@ def test_variance_cuts_unbiased_estimators_average_to_the_kernel():
     y = torch.randn(4, 8, generator=g, dtype=torch.float64) * 0.3
     exact = torch.exp(x @ y.T)
     for name in ("oprf_control", "maclaurin", "hyperbolic_oprf/mub", "hyperbolic_sderf", "hyperbolic_oprf/simplex",
-                 "hyperbolic_oprf_keycv"):
+                 "hyperbolic_oprf_keycv", "hyperbolic_oprf_qkcv"):
         draws = torch.stack([variance_cuts.kernel_matrix(name, x, y, 128, torch.Generator().manual_seed(s))
                              for s in range(400)])
         _assert_averages_to(draws, exact, name)
