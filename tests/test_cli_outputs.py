@@ -80,6 +80,20 @@ def test_approx_checks_output_paths_before_the_sweep(tmp_path, capsys, monkeypat
     assert fragment in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, folder, message", [
+    (["approx", "--quick", "--json", "{f}/r.json"], "cannot create folder {f}", "a file of that name exists"),
+    (["train", "--steps", "1", "--out", "{f}/run"], "--out: cannot create folder {f}/run", "{f} is a file, not a folder"),
+], ids=["approx-json-parent-is-a-file", "train-out-below-a-file"])
+def test_a_path_through_a_file_names_the_file(tmp_path, capsys, argv, folder, message):
+    """Not the OS's bare \"File exists\"; and train says so before loading any data."""
+    blocking = tmp_path / "plain-file"
+    blocking.write_text("x")
+    fill = lambda text: text.format(f=blocking)  # noqa: E731
+    assert main([fill(a) for a in argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"favor {argv[0]}: error: {fill(folder)}: {fill(message)}"
+
+
 def test_approx_creates_output_folders_before_the_sweep(tmp_path, monkeypatch):
     import favor.approx
 

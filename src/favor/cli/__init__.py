@@ -13,8 +13,9 @@ import argparse
 import importlib
 import pkgutil
 import sys
+from pathlib import Path
 
-__all__ = ["CLIError", "build_parser", "main"]
+__all__ = ["CLIError", "build_parser", "folder_blocker", "main"]
 
 
 class CLIError(Exception):
@@ -42,5 +43,26 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     # OSError: missing/unwritable paths; ArithmeticError: a diverging run (non-finite loss)
     except (CLIError, ValueError, TypeError, OSError, ArithmeticError) as exc:
-        print(f"favor {args.command}: error: {exc}", file=sys.stderr)
+        print(f"favor {args.command}: error: {_describe(exc)}", file=sys.stderr)
         return 2
+
+
+def folder_blocker(path: Path) -> str | None:
+    """Why the folder ``path`` cannot be created (``path`` or one of its parents is a regular
+    file), or None."""
+    blocking = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is None:
+        return None
+    if blocking == path:
+        return f"cannot create folder {path}: a file of that name exists"
+    return f"cannot create folder {path}: {blocking} is a file, not a folder"
+
+
+def _describe(exc: BaseException) -> str:
+    """The one-line message for ``exc``; for a path that runs through a regular file (mkdir's
+    "File exists" / "Not a directory"), name that file instead of the OS's bare errno text."""
+    if isinstance(exc, (FileExistsError, NotADirectoryError)) and exc.filename:
+        reason = folder_blocker(Path(exc.filename))
+        if reason is not None:
+            return reason
+    return str(exc)

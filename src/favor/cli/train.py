@@ -18,7 +18,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from . import CLIError
+from . import CLIError, folder_blocker
 
 __all__ = ["MODEL_DEFAULTS", "add_dataclass_options", "register"]
 
@@ -174,7 +174,10 @@ def _check_before_launch(args: argparse.Namespace) -> None:
 
 
 def _check_new_out(out: Path) -> None:
-    """A new run never writes into a folder that holds something."""
+    """A new run never writes into a folder that holds something, nor below a file."""
+    reason = folder_blocker(out)
+    if reason is not None:
+        raise CLIError(f"--out: {reason}")
     if out.exists() and any(out.iterdir()):
         raise CLIError(f"--out {out} is not empty; pass --resume to continue that run, or another --out")
 
