@@ -186,6 +186,70 @@ def test_set_attn_implementation_without_performerize():
 
 
 @torch.no_grad()
+def test_performerize_again_redraws_layers_it_cannot_find(monkeypatch):
+    """A layer that _attention_modules misses (e.g. one without a head_dim attribute) draws its
+    projection at its first call; a second performerize must replace that one too."""
+    monkeypatch.setattr(fht, "_attention_modules", lambda model: [])
+    model = favor.performerize(_bert(), nb_features=16, seed=0)
+    ids = _ids(1, 7)
+    a = _out(model, ids)
+    layer = model.encoder.layer[0].attention.self
+    first = layer.favor_projection.clone()
+    favor.performerize(model, nb_features=16, seed=1)
+    b = _out(model, ids)
+    assert not torch.equal(layer.favor_projection, first) and not torch.equal(a, b)
+    favor.performerize(model, nb_features=32, seed=1)
+    _out(model, ids)
+    assert layer.favor_projection.shape == (32, 12)
+
+
+def test_a_first_call_under_inference_mode_does_not_block_training():
+    model = _bert()
+    model.set_attn_implementation("favor")
+    with warnings.catch_warnings(), torch.inference_mode():
+        warnings.simplefilter("ignore")
+        _out(model, _ids(2, 8))
+    assert not model.encoder.layer[0].attention.self.favor_projection.is_inference()
+    model.train()
+    _out(model, _ids(2, 8)).sum().backward()
+
+
+@torch.no_grad()
+def test_a_cast_model_uses_the_draw_its_reload_uses(tmp_path):
+    """.to(bfloat16) rounds the projection buffers; the layer puts back the float32 draw, so the
+    cast model and its save/reload (which redraws) give identical outputs."""
+    model = favor.performerize(_bert().float(), nb_features=32, seed=0).to(torch.bfloat16)
+    ids = _ids(2, 10)
+    before = _out(model, ids)
+    assert model.encoder.layer[0].attention.self.favor_projection.dtype == torch.float32
+    model.save_pretrained(tmp_path)
+    reloaded = type(model).from_pretrained(tmp_path, attn_implementation="favor", dtype=torch.bfloat16).eval()
+    assert torch.equal(_out(reloaded, ids), before)
+
+
+@torch.no_grad()
+def test_rotary_models_run_under_autocast():
+    """Llama's rotary embedding gives float32 q, k beside a bf16 v under autocast; SDPA accepts
+    that, and so must favor."""
+    model = favor.performerize(_llama().float(), nb_features=32, seed=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = _out(model, _ids(2, 9))
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+@torch.no_grad()
+def test_static_cache_is_refused_with_or_without_a_mask():
+    from transformers import StaticCache
+
+    model = favor.performerize(_llama(), nb_features=32, seed=0)
+    ids = _ids(1, 6)
+    for mask in (None, torch.ones(1, 6, dtype=torch.long)):
+        cache = StaticCache(config=model.config, max_cache_len=16)
+        with pytest.raises(ValueError, match="static caches are not supported"):
+            model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+
+
+@torch.no_grad()
 def test_relu_and_oprf_kernels_run():
     model = _bert()
     ids = _ids(2, 9)
@@ -214,6 +278,8 @@ def test_4d_masks():
     band = torch.ones(10, 10, dtype=torch.bool).triu(-2).tril(2)[None, None].expand(2, 1, 10, 10)
     with pytest.raises(ValueError, match="another pattern"):
         _out(model, ids, band)
+    with pytest.raises(TypeError, match="must be bool .* got torch.int64"):
+        _out(model, ids, keep.long())  # eager would add 0/1 to the scores: not a keep mask
 
 
 def test_unsupported_requests_raise_or_warn():

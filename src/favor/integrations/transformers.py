@@ -24,7 +24,9 @@ through ``from_pretrained(attn_implementation="favor")`` or ``set_attn_implement
 draws each one at its first call, from ``config.favor`` (defaults if absent, written back into the
 config with a warning).  ``from_pretrained`` does not know the ``favor_projection`` buffers (its load
 report lists them as UNEXPECTED and drops them); the reloaded layers redraw the same matrices from
-``config.favor``, and :func:`load_projections` copies the stored ones byte for byte.
+``config.favor``, and :func:`load_projections` copies the stored ones byte for byte.  A cast of the
+model (``.half()``, ``.to(torch.bfloat16)``) rounds the buffers; at its next call each layer puts
+back the float32 draw they were rounded from, so a cast model and its reload compute the same.
 :func:`redraw_projections` draws new ones from a new seed, when the caller asks.
 
 What FAVOR+ honours: the ``scaling`` the model passes, ``is_causal`` (from the call or the module),
@@ -277,6 +279,8 @@ def performerize(
     register()
     for cfg in _configs(model):
         cfg.favor = settings.to_dict()
+    for module in model.modules():  # layers _attention_modules misses redraw at their next call
+        module._buffers.pop(BUFFER_NAME, None)
     for _, module, d in _attention_modules(model):
         _set_projection(module, _draw_projection(settings, module, d))
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
@@ -355,10 +359,17 @@ def load_projections(model: PreTrainedModel, checkpoint_dir: str | os.PathLike) 
 
 
 def _projection_for(module: torch.nn.Module, settings: FavorSettings, head_dim: int) -> torch.Tensor:
+    """The layer's (m, D) projection, drawn from ``settings`` at its first call.  A buffer that a
+    cast of the model (``.half()``, ``.to(torch.bfloat16)``) rounded is put back to the float32 draw
+    it was rounded from, so a cast model computes what its reload (which redraws) computes."""
     proj = module._buffers.get(BUFFER_NAME)
-    if proj is None:
-        proj = _draw_projection(settings, module, head_dim)
-        _set_projection(module, proj)
+    if proj is None or (proj.dtype in (torch.float16, torch.bfloat16) and tuple(proj.shape) == (settings.nb_features, head_dim)):
+        # not an inference tensor even when first called under torch.inference_mode(), so that
+        # training can follow
+        with torch.inference_mode(False):
+            drawn = _draw_projection(settings, module, head_dim)
+            if proj is None or torch.equal(drawn.to(proj.dtype), proj.cpu()):
+                _set_projection(module, drawn)
         proj = module._buffers[BUFFER_NAME]
     if tuple(proj.shape) != (settings.nb_features, head_dim):
         raise ValueError(
@@ -412,6 +423,11 @@ def favor_mask(
     _check_pattern(mask_function)
     if isinstance(kv_offset, torch.Tensor) or kv_offset != 0:
         raise ValueError(f"FAVOR+ needs the whole key sequence in the cache (kv_offset=0), got kv_offset={kv_offset}")
+    if mask_function is causal_mask_function and (isinstance(q_offset, torch.Tensor) or kv_length != q_offset + q_length):
+        raise ValueError(
+            f"FAVOR+ needs the cache to hold exactly the keys seen so far ({q_offset} + {q_length}), "
+            f"but attention sees {kv_length} (static caches are not supported by FAVOR+)"
+        )
     if attention_mask is None:
         return None
     if attention_mask.dim() != 2:
@@ -439,11 +455,16 @@ def _reduce_4d_mask(mask: torch.Tensor, B: int, Lq: int, Lk: int, is_causal: boo
     """A 4D (B|1, H|1, Lq, Lk) bool or additive mask -> ((B, Lk) key padding mask or None, causal).
 
     Accepted only when it is a padding mask, alone or with a causal pattern; rows with nothing
-    allowed (queries on padding) are accepted whatever they hold, as FAVOR+ returns 0 there."""
+    allowed (queries on padding, whose outputs models discard) are accepted whatever they hold:
+    FAVOR+ does not zero them, they attend to the unpadded keys like any other query."""
     if mask.shape[-2:] != (Lq, Lk) or mask.shape[0] not in (1, B):
         raise ValueError(f"4D attention mask has shape {tuple(mask.shape)}, expected (B|1, H|1, {Lq}, {Lk})")
     if mask.dtype == torch.bool:
         allowed = mask
+    elif not mask.dtype.is_floating_point:
+        raise TypeError(
+            f"4D attention mask must be bool (True = attend) or additive float, got {mask.dtype}"
+        )
     else:
         blocked = mask <= torch.finfo(mask.dtype).min / 2
         if bool((mask[~blocked] != 0).any()):
@@ -509,6 +530,14 @@ def favor_attention_forward(
             "(set the model's attention dropout to 0, or call model.eval(), to silence this)",
         )
     settings = _settings_of(module)
+    if len({query.dtype, key.dtype, value.dtype}) > 1:
+        # e.g. rotary embeddings give float32 q, k next to a bf16 v under autocast, which SDPA accepts
+        device_type = query.device.type
+        if torch.is_autocast_enabled(device_type):
+            common = torch.get_autocast_dtype(device_type)
+        else:
+            common = torch.promote_types(torch.promote_types(query.dtype, key.dtype), value.dtype)
+        query, key, value = (t.to(common) for t in (query, key, value))
     B, H, Lq, D = query.shape
     Hkv, Lk = key.shape[1], key.shape[2]
     if H % Hkv != 0:
