@@ -175,6 +175,30 @@ def test_generator_rejects_bad_arguments(kwargs, match):
         lo.generate_splits({"train": 1}, seed=0, **kwargs)
 
 
+def test_generation_raises_when_the_constraints_allow_too_few_expressions():
+    # 0 < length < 2 keeps only the 10 single digits: 10 can be drawn, 11 cannot (this hung forever)
+    tight = dict(seed=0, min_length=0, max_length=2, max_depth=3, max_args=2)
+    assert len(lo.generate_splits({"train": 8, "val": 2}, **tight)["train"]) == 8
+    with pytest.raises(ValueError, match=r"sizes \{'train': 8, 'val': 2, 'test': 1\}.*0 < length < 2"):
+        lo.generate_splits({"train": 8, "val": 2, "test": 1}, **tight)
+    stream = lo.iter_expressions(max_failures=500, **tight)
+    assert sorted("".join(next(stream)) for _ in range(10)) == list("0123456789")
+    with pytest.raises(ValueError, match="500 consecutive draws after 10 unique ones"):
+        next(stream)
+
+
+def test_rejection_cap_is_far_above_the_presets_rejection_runs():
+    # the presets keep >= 1 draw in 30: the longest run of rejections stays far below the cap
+    for preset in ("cpu", "lra"):
+        d = lra.PRESETS[preset]().data
+        rng, run, longest, kept = random.Random(0), 0, 0, 0
+        while kept < 20:
+            n = len(lo.generate_expression(rng, max_depth=d.max_depth, max_args=d.max_args))
+            kept, run = (kept + 1, 0) if d.min_length < n < d.max_length else (kept, run + 1)
+            longest = max(longest, run)
+        assert longest < lo._MAX_FAILURES / 100, preset
+
+
 # ---------------------------------------------------------------- tokenizer, batching, storage
 
 def test_encode_decode_round_trip():
@@ -184,6 +208,14 @@ def test_encode_decode_round_trip():
     assert len(lo.VOCAB) == 17 and lo.VOCAB[lo.PAD_ID] == "<pad>" and lo.VOCAB[lo.CLS_ID] == "<cls>"
     with pytest.raises(ValueError, match="'10'"):
         lo.encode(["10"])
+    assert lo.decode(torch.tensor(ids)) == expr and lo.decode(np.array(ids)) == expr
+
+
+@pytest.mark.parametrize("bad", [-1, -17, 17, 99], ids=["minus-1", "minus-vocab", "vocab-size", "99"])
+def test_decode_rejects_ids_outside_the_vocabulary(bad):
+    # -1 used to decode silently as VOCAB[-1] = "]", 17 and above raised a bare IndexError
+    with pytest.raises(ValueError, match=f"token id {bad};"):
+        lo.decode([2, bad, 3])
 
 
 @pytest.mark.parametrize("cls", [False, True], ids=["no-cls", "cls"])
@@ -255,6 +287,21 @@ def test_presets_and_config_validation():
     with pytest.raises(ValueError, match="unknown ListOps preset"):
         lra.listops_config("gpu")
     assert lra.ListOpsConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_seed_is_bounded_so_every_epoch_seed_fits_a_generator():
+    # seed * 1_000_003 + epoch used to overflow torch's seed only at the first batch
+    with pytest.raises(ValueError, match="seed must be < 2\\*\\*44.*seed=20000000000000"):
+        lra.listops_config("cpu", seed=20_000_000_000_000)
+    largest = lra.listops_config("cpu", seed=2**44 - 1)
+    split = lo.ListOpsSplit.from_expressions([[d] for d in "0123456789"])
+    assert len(lra._epoch_batches(split, 2, largest.seed, 10**12)) == 5
+    # the derivation is unchanged, so runs with small seeds (docs: seed 0) keep their batch order
+    g = torch.Generator().manual_seed(3 * 1_000_003 + 7)
+    batches = torch.randperm(10, generator=g).split(2)  # all lengths 1: grouping keeps the order
+    expected = [batches[i] for i in torch.randperm(5, generator=g).tolist()]
+    got = lra._epoch_batches(split, 2, 3, 7)
+    assert len(got) == 5 and all(torch.equal(a, b) for a, b in zip(got, expected))
 
 
 def _option_help(help_text: str, option: str) -> str:
@@ -343,6 +390,45 @@ def test_train_resume_equals_uninterrupted(tmp_path, attention, features):
         lra.train_listops(cfg.replace(steps=2), tmp_path / "whole", resume=True, data_cache=tmp_path / "cache",
                           progress=False)
     assert (tmp_path / "whole" / "metrics.json").read_text() == metrics
+
+
+def test_resume_off_the_eval_boundary_keeps_the_training_loss_average(tmp_path, monkeypatch):
+    # checkpoints at 3 and 6, history at 4 and 6: a crash after step 3 must not make the step-4
+    # entry average only step 4 (the running loss sum/count are checkpointed)
+    cfg = _tiny(steps=6, eval_every=4, checkpoint_every=3)
+    kw = dict(data_cache=tmp_path / "cache", progress=False)
+    whole = lra.train_listops(cfg, tmp_path / "whole", **kw)
+    lr_at = lra.lr_at
+
+    def crash_at_step_4(step, c):
+        if step == 4:
+            raise RuntimeError("simulated crash")
+        return lr_at(step, c)
+
+    monkeypatch.setattr(lra, "lr_at", crash_at_step_4)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        lra.train_listops(cfg, tmp_path / "crashed", **kw)
+    monkeypatch.setattr(lra, "lr_at", lr_at)
+    resumed = lra.train_listops(cfg, tmp_path / "crashed", resume=True, **kw)
+    assert [h["step"] for h in resumed.history] == [h["step"] for h in whole.history] == [4, 6]
+    for a, b in zip(resumed.history, whole.history):
+        for key in ("train_loss", "val_loss", "val_accuracy", "lr"):
+            assert a[key] == pytest.approx(b[key], abs=1e-6), (a["step"], key)
+
+
+def test_cli_reports_generation_and_seed_errors_in_one_line(tmp_path, capsys):
+    base = ["lra", "listops", "--data-cache", "none", "--no-progress", "--batch-size", "2", "--d-model", "16",
+            "--n-heads", "2", "--n-layers", "1", "--nb-features", "8", "--steps", "1"]
+    # only the 10 digits satisfy 0 < length < 2: 11 examples cannot be generated (this hung)
+    assert cli_main(base + ["--out", str(tmp_path / "few"), "--min-length", "0", "--max-length", "2",
+                            "--max-depth", "3", "--max-args", "2", "--train-size", "8", "--val-size", "2",
+                            "--test-size", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("favor lra: error: cannot generate ListOps splits") and err.count("\n") == 1, err
+    assert "0 < length < 2" in err and "'test': 1" in err
+    assert cli_main(base + ["--out", str(tmp_path / "seed"), "--seed", "20000000000000"]) == 2
+    err = capsys.readouterr().err
+    assert "seed must be < 2**44" in err and err.count("\n") == 1, err
 
 
 def test_cli_listops_and_plot(tmp_path, capsys):

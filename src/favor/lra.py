@@ -58,6 +58,11 @@ __all__ = [
 #: "mean": the mean of the final states of the real tokens.
 POOLINGS = ("cls", "first", "mean")
 _BUCKET_WINDOW = 50  # batches per length-sorting window
+_EPOCH_SEED_STRIDE = 1_000_003  # epoch e of seed s draws its batch order from seed s * stride + e
+# Largest seed + 1: s * stride + e must fit a torch.Generator seed (< 2**64) for any reachable epoch
+# (2**44 * stride < 2**64 - 8e17).  The derivation is kept, not hashed, so that existing runs
+# (docs/results.md: seed 0) keep their batch order.
+_SEED_LIMIT = 1 << 44
 METRICS = "metrics.json"
 
 
@@ -140,7 +145,7 @@ class ListOpsConfig:
     # Save a checkpoint every `checkpoint_every` steps (and at the end).
     checkpoint_every: int = _f(250, "checkpoint every this many steps (and at the end)")
     # Seed of weight initialisation, batch order and dropout.
-    seed: int = _f(0, "seed of weight init, batch order and dropout")
+    seed: int = _f(0, "seed of weight init, batch order and dropout (< 2**44)")
 
     def __post_init__(self) -> None:
         if not isinstance(self.data, ListOpsData):
@@ -159,6 +164,9 @@ class ListOpsConfig:
         for name, minimum in (("batch_size", 1), ("steps", 1), ("warmup", 0), ("eval_every", 1),
                               ("eval_examples", 1), ("checkpoint_every", 1), ("seed", 0)):
             _check_int("ListOpsConfig", name, getattr(self, name), minimum)
+        if self.seed >= _SEED_LIMIT:
+            raise ValueError(f"ListOpsConfig.seed must be < 2**44 = {_SEED_LIMIT} (it seeds each epoch's batch "
+                             f"order as seed * {_EPOCH_SEED_STRIDE} + epoch), got seed={self.seed}")
         for name in ("lr", "weight_decay", "beta1", "beta2", "eps"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
@@ -251,7 +259,7 @@ def load_data(data: ListOpsData, cache_dir: str | Path | None = None, *, progres
 
 def _epoch_batches(split: lo.ListOpsSplit, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:
     """The batches (index tensors) of one epoch, length-grouped within windows, in random order."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    g = torch.Generator().manual_seed(seed * _EPOCH_SEED_STRIDE + epoch)
     perm = torch.randperm(len(split), generator=g)
     n_full = len(split) // batch_size  # drop the last partial batch
     perm = perm[: n_full * batch_size]
@@ -328,11 +336,14 @@ class ListOpsResult:
 
 
 def _save(run_dir: Path, model: nn.Module, opt: torch.optim.Optimizer, step: int, cfg: ListOpsConfig,
-          history: list, train_seconds: float) -> None:
+          history: list, train_seconds: float, loss_sum: float, loss_n: int) -> None:
+    """Checkpoint ``step``; ``loss_sum``/``loss_n``: the training losses summed since the last
+    history entry, so that a resumed run's next entry averages the same steps."""
     save_checkpoint(run_dir, step=step, model=model, optimizer=opt,
                     config={"model": cfg.model.to_dict(), "tokenizer": {"kind": "listops", "vocab": list(lo.VOCAB)},
                             "listops": cfg.to_dict()},
-                    state={"history": history, "train_seconds": train_seconds})
+                    state={"history": history, "train_seconds": train_seconds, "loss_sum": loss_sum,
+                           "loss_n": loss_n})
 
 
 def _config_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> str:
@@ -381,6 +392,7 @@ def train_listops(
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                             weight_decay=cfg.weight_decay)
     step, history, train_seconds = 0, [], 0.0
+    loss_sum, loss_n = 0.0, 0  # training losses since the last history entry
     if has_checkpoint:
         ck = load_checkpoint(run_dir)
         if not isinstance(ck.config.get("listops"), dict):
@@ -397,6 +409,8 @@ def train_listops(
         opt.load_state_dict(ck.optimizer_state_dict())
         restore_rng_state(ck)
         step, history, train_seconds = ck.step, ck.state["history"], ck.state["train_seconds"]
+        # absent from checkpoints written before they were saved: start the average afresh
+        loss_sum, loss_n = float(ck.state.get("loss_sum", 0.0)), int(ck.state.get("loss_n", 0))
 
     from tqdm.auto import tqdm
 
@@ -404,7 +418,6 @@ def train_listops(
     batch_cache: dict = {}
     bar = tqdm(total=cfg.steps, initial=step, desc=f"listops {cfg.model.attention}", unit="step",
                disable=None if progress is None else not progress)
-    loss_sum, loss_n = 0.0, 0
     while step < cfg.steps:
         step += 1
         t0 = time.perf_counter()
@@ -432,7 +445,7 @@ def train_listops(
             loss_sum, loss_n = 0.0, 0
             bar.set_postfix(loss=f"{history[-1]['train_loss']:.3f}", val_acc=f"{val_acc:.3f}")
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            _save(run_dir, model, opt, step, cfg, history, train_seconds)
+            _save(run_dir, model, opt, step, cfg, history, train_seconds, loss_sum, loss_n)
     bar.close()
 
     test_acc, test_loss = evaluate_classifier(model, test, cls=cls, batch_size=cfg.batch_size)

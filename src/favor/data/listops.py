@@ -64,6 +64,10 @@ TOKEN_ID = {tok: i for i, tok in enumerate(VOCAB)}
 LRA_SPLITS = {"train": 96_000, "val": 2_000, "test": 2_000}
 
 _OPERATOR_P = 0.25  # LRA's VALUE_P: a node is an operator when random() <= 0.25
+# Consecutive rejected or duplicate draws after which iter_expressions gives up.  The presets keep
+# about 1 draw in 12 (LRA, 500 < len < 2000) or 1 in 28 (cpu, 500 < len < 1000), and their longest
+# runs of rejections are a few hundred draws; 100,000 in a row has probability ~exp(-3600) there.
+_MAX_FAILURES = 100_000
 
 
 def _tokens(expr: str | Sequence[str]) -> list[str]:
@@ -164,8 +168,17 @@ def encode(tokens: Sequence[str]) -> list[int]:
 
 
 def decode(ids: Sequence[int]) -> str:
-    """Ids -> the expression string, dropping ``<pad>`` and ``<cls>``."""
-    return " ".join(VOCAB[i] for i in ids if i not in (PAD_ID, CLS_ID))
+    """Ids -> the expression string, dropping ``<pad>`` and ``<cls>``.
+
+    Raises ValueError naming an id outside ``[0, len(VOCAB))`` (no negative indexing).
+    """
+    out = []
+    for i in ids:
+        if not 0 <= i < len(VOCAB):
+            raise ValueError(f"unknown ListOps token id {int(i)}; ids lie in [0, {len(VOCAB)})")
+        if i not in (PAD_ID, CLS_ID):
+            out.append(VOCAB[i])
+    return " ".join(out)
 
 
 @dataclass
@@ -237,13 +250,23 @@ def _check_int(name: str, value: object, low: int) -> int:
     return value
 
 
+class _ExhaustedError(ValueError):
+    """:func:`iter_expressions` found no new expression in ``max_failures`` consecutive draws."""
+
+
 def iter_expressions(seed: int, *, min_length: int = 500, max_length: int = 2000, max_depth: int = 10,
-                     max_args: int = 10) -> Iterator[list[str]]:
-    """Endless stream of unique expressions with ``min_length < len < max_length`` (LRA's filter)."""
+                     max_args: int = 10, max_failures: int = _MAX_FAILURES) -> Iterator[list[str]]:
+    """Endless stream of unique expressions with ``min_length < len < max_length`` (LRA's filter).
+
+    Raises ValueError naming the constraints when ``max_failures`` consecutive draws are all
+    rejected by the length filter or duplicates: the constraints then (almost surely) allow no
+    more unique expressions, e.g. only the 10 digits for ``0 < len < 2``.
+    """
     _check_int("min_length", min_length, 0)
     _check_int("max_length", max_length, min_length + 2)
     _check_int("max_depth", max_depth, 2)
     _check_int("max_args", max_args, 2)
+    _check_int("max_failures", max_failures, 1)
     # Longest possible expression: a full tree of max_args-ary operators down to max_depth.
     longest = 1
     for _ in range(max_depth - 1):
@@ -253,13 +276,23 @@ def iter_expressions(seed: int, *, min_length: int = 500, max_length: int = 2000
                          f"not more than min_length={min_length}")
     rng = random.Random(seed)
     seen: set[tuple[str, ...]] = set()
+    failures = 0  # consecutive draws rejected by the length filter or already seen
     while True:
         expr = generate_expression(rng, max_depth=max_depth, max_args=max_args)
         if min_length < len(expr) < max_length:
             key = tuple(expr)
             if key not in seen:
                 seen.add(key)
+                failures = 0
                 yield expr
+                continue
+        failures += 1
+        if failures >= max_failures:
+            raise _ExhaustedError(
+                f"no new ListOps expression with {min_length} < length < {max_length} (max_depth={max_depth}, "
+                f"max_args={max_args}) in {max_failures:,} consecutive draws after {len(seen):,} unique ones; "
+                "these constraints allow (almost) no more: widen min_length/max_length or raise "
+                "max_depth/max_args")
 
 
 def generate_splits(
@@ -291,7 +324,11 @@ def generate_splits(
         for name, n in sizes.items():
             exprs = []
             for _ in range(n):
-                exprs.append(next(stream))
+                try:
+                    exprs.append(next(stream))
+                except _ExhaustedError as exc:
+                    raise ValueError(f"cannot generate ListOps splits of sizes {sizes} ({total:,} unique "
+                                     f"expressions): {exc}") from None
                 bar.update(1)
             out[name] = ListOpsSplit.from_expressions(exprs)
     return out
