@@ -185,8 +185,12 @@ def test_sweep_structure_and_table():
         (dict(distribution="cauchy"), "unknown distribution"),
         (dict(sigma=-1.0), "sigma"),
         (dict(seeds=0), "seeds"),
+        (dict(budgets=(16, 64, 16)), "budgets lists 16 more than once"),
+        (dict(projections=("iid", "iid")), "projections lists iid more than once"),
+        (dict(features=("oprf", "trig", "oprf")), "features lists oprf more than once"),
     ],
-    ids=["odd-budget", "bad-features", "bad-projection", "bad-dist", "bad-sigma", "no-seeds"],
+    ids=["odd-budget", "bad-features", "bad-projection", "bad-dist", "bad-sigma", "no-seeds",
+         "repeated-budget", "repeated-projection", "repeated-feature"],
 )
 def test_bad_config_is_rejected(kwargs, match):
     with pytest.raises(ValueError, match=match):

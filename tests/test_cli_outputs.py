@@ -122,3 +122,6 @@ def test_approx_model_reads_a_protein_models_fasta(tmp_path, capsys):
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["config"]["length"] == 48 and result["config"]["causal"] is True
     assert result["model"] == {"checkpoint": str(run)}
+    from favor.approx import setting_label
+
+    assert setting_label(result) == "L=48, d=4, q, k, v of run, 1 seeds, causal"  # not "normal σ=0.5"

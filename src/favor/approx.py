@@ -14,7 +14,7 @@ Quantities, per (feature kind, projection, budget) and per seed, then mean ± st
 
 * ``attention_mse``: mean over R sampled query rows and all L keys of (Â_ij − A_ij)², with Â the
   row-normalised estimated attention matrix and A = softmax(QKᵀ/√d) (causal: both lower-triangular).
-* ``output_rel_error``: ‖Ŷ − Y‖_F / ‖Y‖_F over all L rows, Ŷ from favor's linear-time kernels
+* ``output_rel_error``: ‖Ŷ − Y‖_F / ‖Y‖_F over the same R sampled query rows (all L when R ≥ L), Ŷ from favor's linear-time kernels
   (:mod:`favor.linear`, the generic path of :func:`favor.favor_attention`) and Y exact softmax
   attention.
 * ``kernel_mse``: mean over P sampled pairs (x_i, y_j) of (φ(x_i)ᵀφ(y_j) − exp(x_iᵀy_j))², with
@@ -22,8 +22,11 @@ Quantities, per (feature kind, projection, budget) and per seed, then mean ± st
   Lemma 2 of Choromanski et al. (2021) describes.  ``theory_kernel_mse`` is the mean over the same
   pairs of the closed form (:func:`theory_kernel_mse`) for i.i.d. projections.
 
-Every projection row is marginally N(0, I_d) (``scaling="chi"``), so every estimator here is
-unbiased for the kernel; ``sqrt_d`` rows are not used.
+With ``iid`` and ``orthogonal`` projections every row is marginally N(0, I_d) (``scaling="chi"``),
+so every estimator here is unbiased for the kernel; ``hadamard`` and ``givens`` rows are only
+approximately isotropic (see :mod:`favor.projections`), which leaves a small bias for inputs
+aligned with the coordinate axes (none on average over the isotropic default inputs).  ``sqrt_d``
+rows are not used.
 """
 
 from __future__ import annotations
@@ -88,9 +91,9 @@ class ApproxConfig:
     distribution: str = "normal"  # entries of q, k, v: one of DISTRIBUTIONS
     sigma: float = 0.5  # per-coordinate standard deviation of q, k, v
     causal: bool = False  # causal attention (query t sees keys 0..t)
-    rows: int = 256  # R, query rows sampled for attention_mse (all rows if ≥ L)
+    rows: int = 256  # R, query rows sampled for attention_mse and output_rel_error (all rows if ≥ L)
     pairs: int = 1024  # P, (query, key) pairs sampled for kernel_mse
-    base_seed: int = 0  # seed s uses torch generators seeded from (base_seed, s)
+    base_seed: int = 0  # salt: seed s uses torch generators seeded from (base_seed, s)
     precision: str = "float32"  # dtype of features and estimates (exact references: float64)
 
     def __post_init__(self) -> None:
@@ -106,6 +109,11 @@ class ApproxConfig:
             raise ValueError("projections must not be empty")
         if not self.budgets:
             raise ValueError("budgets must not be empty")
+        for name in ("budgets", "features", "projections"):
+            values = tuple(getattr(self, name))
+            repeated = sorted({v for v in values if values.count(v) > 1}, key=str)
+            if repeated:
+                raise ValueError(f"{name} lists {', '.join(map(str, repeated))} more than once; each cell is measured once")
         for kind in self.features:
             if kind not in FEATURES:
                 raise ValueError(f"unknown feature kind {kind!r}; expected some of {FEATURES}")
@@ -469,6 +477,17 @@ _PANELS = (
 )
 
 
+def setting_label(result: dict) -> str:
+    """The sweep's setting in one line (figure titles): sizes, inputs, seeds, direction."""
+    cfg = result["config"]
+    mode = "causal" if cfg["causal"] else "bidirectional"
+    if result.get("model") is not None:  # `favor approx --model`: a checkpoint's q, k, v
+        inputs = f"q, k, v of {Path(result['model']['checkpoint']).name}"
+    else:
+        inputs = f"{cfg['distribution']} σ={cfg['sigma']}"
+    return f"L={cfg['length']}, d={cfg['dim']}, {inputs}, {cfg['seeds']} seeds, {mode}"
+
+
 def plot_sweep(result: dict, out_dir: str | Path, *, prefix: str = "approx", against_theory: bool = False) -> list[Path]:
     """Write PNGs (log-scale error vs M with ±1 std error bars over seeds).
 
@@ -485,8 +504,7 @@ def plot_sweep(result: dict, out_dir: str | Path, *, prefix: str = "approx", aga
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = result["config"]
     budgets = list(cfg["budgets"])
-    mode = "causal" if cfg["causal"] else "bidirectional"
-    setting = f"L={cfg['length']}, d={cfg['dim']}, {cfg['distribution']} σ={cfg['sigma']}, {cfg['seeds']} seeds, {mode}"
+    setting = setting_label(result)
     written = []
     for proj in cfg["projections"]:
         fig, axes = plt.subplots(1, len(_PANELS), figsize=(5 * len(_PANELS), 4))

@@ -6,8 +6,10 @@ on the generator's device in float64 (so that QR and the rotations are accurate)
 end, so the same seeded generator yields the same matrix on every machine and rank.
 
 Row norms (``scaling``):
-    ``"chi"``     each row's norm is drawn from the chi(d) distribution, so every row is
-                  marginally N(0, I_d) and the random-feature estimators stay unbiased;
+    ``"chi"``     each row's norm is drawn from the chi(d) distribution, so every row of an
+                  ``iid`` or ``orthogonal`` (Haar) matrix is marginally N(0, I_d) and the
+                  random-feature estimators are unbiased; ``hadamard`` and ``givens`` rows are
+                  only approximately isotropic (see their functions);
     ``"sqrt_d"``  every row has norm √d (the deterministic "regularised" variant).
 """
 
@@ -243,27 +245,32 @@ def givens_orthogonal_matrix(
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """(m, d) block-orthogonal matrix from ⌈d log₂ d⌉ random Givens rotations per block.
+    """(m, d) block-orthogonal matrix, each block a product of random Givens rotations.
 
-    Each rotation acts on a random pair of distinct coordinates (i ≠ j) with a uniform angle, so
-    every block is exactly orthogonal.
+    A block is 4⌈log₂ d⌉ layers of ⌊d/2⌋ rotations (2·d·log₂ d in all), each layer rotating the
+    coordinate pairs of a random perfect matching by uniform angles, so every block is exactly
+    orthogonal.  Like the Hadamard blocks, the rows are only approximately isotropic (a finite
+    Givens product is not Haar distributed), so the estimators built on them carry a small bias
+    for inputs aligned with the coordinate axes.  With 4⌈log₂ d⌉ layers E[u₀⁴] of a row's unit
+    direction is within ~1 % of the uniform sphere's at d = 16 and 64; ⌈d log₂ d⌉ rotations of
+    random pairs, the previous construction, left it at 1.3× (d = 16) and 4.5× (d = 64) and
+    biased the kernel estimate of an axis-aligned input by 30 % and 3×.
     """
     _check_sizes(m, d)
     dev = _generator_device(generator)
-    n_rot = max(1, math.ceil(d * math.log2(d))) if d > 1 else 0
+    layers = 4 * math.ceil(math.log2(d)) if d > 1 else 0
+    pairs = d // 2
     blocks = []
     for _ in range(math.ceil(m / d)):
-        g = torch.eye(d, dtype=torch.float64, device=dev)
-        if d > 1:
-            first = torch.randint(0, d, (n_rot,), generator=generator, device=dev)
-            offset = torch.randint(1, d, (n_rot,), generator=generator, device=dev)
-            second = (first + offset) % d  # distinct from first
-            angles = torch.rand(n_rot, generator=generator, device=dev, dtype=torch.float64) * (2 * math.pi)
+        g = torch.eye(d, dtype=torch.float64, device=dev)  # (d, d), rows = the block's directions
+        for _ in range(layers):
+            perm = torch.randperm(d, generator=generator, device=dev)
+            i, j = perm[0 : 2 * pairs : 2], perm[1 : 2 * pairs : 2]  # (pairs,) disjoint coordinates
+            angles = torch.rand(pairs, generator=generator, device=dev, dtype=torch.float64) * (2 * math.pi)
             cos, sin = torch.cos(angles), torch.sin(angles)
-            for i, j, c, s in zip(first.tolist(), second.tolist(), cos.tolist(), sin.tolist()):
-                gi, gj = g[i].clone(), g[j]
-                g[i] = c * gi - s * gj
-                g[j] = s * gi + c * gj
+            gi, gj = g[:, i], g[:, j]  # (d, pairs) copies (advanced indexing)
+            g[:, i] = cos * gi - sin * gj
+            g[:, j] = sin * gi + cos * gj
         blocks.append(g)
     w = torch.cat(blocks, dim=0)[:m]
     w = w * _row_norms(m, d, scaling, generator).unsqueeze(1)

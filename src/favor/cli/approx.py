@@ -78,7 +78,8 @@ def register(subparsers) -> None:
                    help=f"(query, key) pairs sampled for the kernel MSE (default: {d.pairs})")
     p.add_argument("--precision", choices=("float32", "float64"), default=None,
                    help=f"dtype of the features (default: {d.precision}; references are float64)")
-    p.add_argument("--base-seed", type=int, default=None, help=f"first seed (default: {d.base_seed})")
+    p.add_argument("--base-seed", type=int, default=None, help=f"salt of the seed streams: seed s draws from (BASE_SEED, s), so another value gives other "
+                        f"draws; it does not pick a seed of the default run (default: {d.base_seed})")
     p.add_argument("--model", metavar="CHECKPOINT", default=None,
                    help="use the real queries and keys of a `favor train` checkpoint's attention layers "
                         "(run folder or step folder) instead of random inputs")
