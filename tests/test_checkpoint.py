@@ -84,11 +84,26 @@ def test_latest_points_to_newest_and_old_ones_are_pruned(tmp_path):
     assert (tmp_path / "LATEST").read_text().strip() == "step-0000030"
     assert not paths[0].exists() and paths[1].exists() and paths[2].exists()
     assert find_checkpoint(tmp_path) == paths[2]
-    # Saving the same step again never replaces the existing folder in place.
+    # Saving the same step again never replaces the existing folder in place: the new one is
+    # written beside it, and the old one removed only once the new one is complete.
     again = save_checkpoint(tmp_path, step=30, model=model, optimizer=None, config=CONFIG, keep=2)
-    assert again.name == "step-0000030-1" and paths[2].exists()
+    assert again.name == "step-0000030-1"
     assert find_checkpoint(tmp_path) == again
-    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["step-0000030", "step-0000030-1"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["step-0000020", "step-0000030-1"]
+
+
+def test_resuming_from_an_earlier_checkpoint_rewinds_the_run(tmp_path):
+    """Saves at 2, 4, 6; then the run resumes from 4 and saves 5 and 6 again: the abandoned
+    timeline's 6 goes at the first new save, and pruning keeps the current timeline's newest two
+    (the former step-order pruning kept the old 6 and deleted the new 5)."""
+    model = _tiny()
+    for s in (2, 4, 6):
+        save_checkpoint(tmp_path, step=s, model=model, optimizer=None, config=CONFIG, keep=2)
+    save_checkpoint(tmp_path, step=5, model=model, optimizer=None, config=CONFIG, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["step-0000004", "step-0000005"]
+    last = save_checkpoint(tmp_path, step=6, model=model, optimizer=None, config=CONFIG, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["step-0000005", last.name]
+    assert find_checkpoint(tmp_path) == last
 
 
 def test_stale_temporary_folder_of_a_dead_save_is_removed(tmp_path):

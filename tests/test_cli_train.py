@@ -278,6 +278,34 @@ def test_resume_refuses_another_runs_folder_and_a_target_already_reached(trained
     rc = main(["train", "--resume", str(trained), "--steps", "1", "--no-progress"])  # trained is at step 1
     _one_line_error(capsys, rc, "train", "training to step 1 has nothing to do")
     assert (trained / "summary.json").read_text() == summary
+    # --stop-at beyond --steps (1): the trainer would stop at 1 and rewrite summary.json with nothing
+    rc = main(["train", "--resume", str(trained), "--stop-at", "10", "--no-progress"])
+    _one_line_error(capsys, rc, "train", "training to step 1 has nothing to do")
+    assert (trained / "summary.json").read_text() == summary
+
+
+def test_dropout_masks_are_drawn_per_step_and_rank(monkeypatch, tmp_path):
+    """The trainer reseeds the global RNG from (seed, step, rank) before each forward: dropout is
+    independent across ranks (not rank 0's masks on every slice) and exact after a resume."""
+    from favor.data.corpus import load_corpus, step_seed
+    from favor.models import PerformerConfig, PerformerLM
+    from favor.training import TrainConfig, describe_run, make_optimizer, train
+
+    corpus = load_corpus(None)
+    cfg = TrainConfig(steps=2, batch_size=2, seq_len=8, eval_every=100, save_every=100, eval_batches=1, seed=4)
+    seen = []
+    real_seed = torch.manual_seed
+    monkeypatch.setattr(torch, "manual_seed", lambda s: (seen.append(s), real_seed(s))[1])
+    for rank in (0, 1):
+        model_cfg = PerformerConfig(vocab_size=256, d_model=8, n_heads=2, n_layers=1, nb_features=4, max_len=16,
+                                    dropout=0.5)
+        model = PerformerLM(model_cfg)
+        train(model, make_optimizer(model, cfg), corpus, cfg, out_dir=tmp_path / f"r{rank}",
+              checkpoint_config=describe_run(model_cfg.to_dict(), cfg, corpus), rank=rank, world_size=2,
+              progress=False)
+    expected = [step_seed(4, step, f"dropout:{rank}") for rank in (0, 1) for step in (0, 1)]
+    assert [s for s in seen if s in expected] == expected
+    assert len(set(expected)) == 4
 
 
 def test_nproc_batch_split_is_checked_before_torchrun_starts(corpus, tmp_path, capsys):

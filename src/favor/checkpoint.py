@@ -248,7 +248,9 @@ def save_checkpoint(
     keep: int = 2,
 ) -> Path:
     """Write a checkpoint of ``model``/``optimizer`` at ``step`` into ``run_dir`` atomically and
-    point ``run_dir/LATEST`` at it; then delete all but the newest ``keep`` checkpoints.
+    point ``run_dir/LATEST`` at it; then delete all but the newest ``keep`` checkpoints.  A run
+    resumed from an earlier checkpoint rewinds it: its checkpoints at steps >= ``step`` (the
+    abandoned timeline) are deleted too.
 
     Args:
         config: JSON-able description (``model`` config dict, ``tokenizer``, ``train``, ``data``).
@@ -305,9 +307,13 @@ def save_checkpoint(
     os.replace(latest_tmp, run / LATEST)
     _fsync_dir(run)
 
-    for old in _checkpoint_dirs(run)[:-keep]:
-        if old != final:
-            shutil.rmtree(old, ignore_errors=True)
+    # checkpoints at steps >= this one belong to a timeline abandoned by resuming this run from an
+    # earlier checkpoint: they go first, so that pruning keeps the newest of the current timeline
+    others = [p for p in _checkpoint_dirs(run) if p != final]
+    rewound = [p for p in others if int(p.name.split("-")[1]) >= step]
+    timeline = [p for p in others if p not in rewound]
+    for old in rewound + timeline[: max(0, len(timeline) - (keep - 1))]:
+        shutil.rmtree(old, ignore_errors=True)
     return final
 
 

@@ -15,8 +15,10 @@ How a run is split (the trainer, :func:`favor.training.train`, has the hooks; th
   returns a single-process context and starts nothing.
 * Data: the batch of step s is a function of (seed, s) only (:func:`favor.data.corpus.get_batch`);
   rank r takes rows [r·b, (r+1)·b) of it, b = batch_size / world_size.  Ranks see disjoint
-  slices and their union is the batch a single process would see, so a run's result does not
-  depend on the number of processes (up to the order of floating-point sums).
+  slices and their union is the batch a single process would see, so without dropout a run's
+  result does not depend on the number of processes (up to the order of floating-point sums).
+  Dropout masks are drawn per rank from (seed, step, rank) (independent across ranks, exact on
+  resume), so with dropout > 0 an N-process run matches a 1-process run in distribution only.
 * Gradients: :func:`wrap_ddp` (``DistributedDataParallel``) averages them over ranks during
   ``backward``; every rank then clips and steps identically, so parameters stay equal.
 * FAVOR projections are buffers.  They are drawn from (seed, layer) at construction and from

@@ -18,7 +18,9 @@ rank takes its slice of the global batch of the step; rank 0 alone logs, plots a
 ``sync_stop`` (ranks agree on stopping after a Ctrl-C).
 
 Exact resume: the batch of step s depends only on (seed, s); the learning rate is a function of s;
-the optimizer state, the global torch/python RNG states (dropout) and the step are checkpointed;
+the global torch RNG is reseeded from (seed, s, rank) before each training forward, so dropout
+masks are a function of the step and differ between ranks; the optimizer state, the global
+torch/python RNG states and the step are checkpointed;
 FAVOR projection redraws are a function of (seed, s).  So N steps, a checkpoint, and M more steps
 give the same weights, bit for bit, as N + M steps in one go (same thread count and build).
 """
@@ -39,7 +41,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .checkpoint import Checkpoint, load_weights, restore_rng_state, save_checkpoint
-from .data.corpus import Corpus, eval_windows, get_batch
+from .data.corpus import Corpus, eval_windows, get_batch, step_seed
 
 __all__ = [
     "TrainConfig",
@@ -382,6 +384,8 @@ def train(
             x, y = get_batch(corpus.train, step, seed=cfg.seed, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
                              rank=rank, world_size=world_size)
             x, y = x.to(device), y.to(device)  # no-op on the CPU
+            # dropout masks from (seed, step, rank): independent across ranks, the same after a resume
+            torch.manual_seed(step_seed(cfg.seed, step, f"dropout:{rank}"))
             logits = forward(x)  # (b, L, V)
             loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
             optimizer.zero_grad(set_to_none=True)

@@ -228,7 +228,8 @@ def _run(args: argparse.Namespace, dist_ctx: Any) -> int:
         if out.resolve() != ckpt.path.parent.resolve() and out.exists() and any(out.iterdir()):
             raise CLIError(f"--out {out} is not empty and is not the run of checkpoint {where}; "
                            "leave --out out to continue in that run, or give an empty folder")
-        target = train_cfg.stop_at or train_cfg.steps
+        # the trainer stops at min(steps, stop_at): a --stop-at beyond --steps does not extend the run
+        target = min(train_cfg.steps, train_cfg.stop_at) if train_cfg.stop_at else train_cfg.steps
         if target <= ckpt.step:
             raise CLIError(f"checkpoint {where} is at step {ckpt.step}: training to step {target} has nothing "
                            f"to do; pass --steps above {ckpt.step}")

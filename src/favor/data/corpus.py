@@ -368,14 +368,16 @@ def load_corpus(path: str | os.PathLike | None = None, *, val_percent: float = D
     return Corpus(str(p), ByteTokenizer(), train, val, n, split)
 
 
-def _step_seed(seed: int, step: int, stream: str) -> int:
+def step_seed(seed: int, step: int, stream: str) -> int:
+    """A 63-bit seed that is a function of (seed, step, stream name) only (sha256), for the random
+    draws of one training step: its batch (``"train"``), each rank's dropout (``"dropout:RANK"``)."""
     digest = hashlib.sha256(f"favor-data:{stream}:{seed}:{step}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 def batch_generator(seed: int, step: int) -> torch.Generator:
     """The generator that draws the batch of ``step``: a function of (seed, step) only."""
-    return torch.Generator().manual_seed(_step_seed(seed, step, "train"))
+    return torch.Generator().manual_seed(step_seed(seed, step, "train"))
 
 
 def _windows(tokens: torch.Tensor, starts: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
