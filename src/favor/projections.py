@@ -251,10 +251,11 @@ def givens_orthogonal_matrix(
     coordinate pairs of a random perfect matching by uniform angles, so every block is exactly
     orthogonal.  Like the Hadamard blocks, the rows are only approximately isotropic (a finite
     Givens product is not Haar distributed), so the estimators built on them carry a small bias
-    for inputs aligned with the coordinate axes.  With 4⌈log₂ d⌉ layers E[u₀⁴] of a row's unit
-    direction is within ~1 % of the uniform sphere's at d = 16 and 64; ⌈d log₂ d⌉ rotations of
-    random pairs, the previous construction, left it at 1.3× (d = 16) and 4.5× (d = 64) and
-    biased the kernel estimate of an axis-aligned input by 30 % and 3×.
+    for inputs aligned with the coordinate axes.  With 4⌈log₂ d⌉ layers, E[u₀⁴] of a row's unit
+    direction is within ~2 % of the uniform sphere's for d = 2…64; ⌈d log₂ d⌉ rotations of random
+    pairs, the previous construction, left it at 1.43× (d = 16) and 1.85× (d = 64), and the
+    positive-feature estimate of exp(‖x‖²) for x = 0.75·e₀ at 1.32× and 2.7×
+    (benchmarks/projection_bias.py; benchmarks/results/projection_bias*.json).
     """
     _check_sizes(m, d)
     dev = _generator_device(generator)
