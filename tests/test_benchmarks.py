@@ -175,3 +175,13 @@ def test_compare_reports_median_speedups(tmp_path):
     (row,) = json.loads(out.read_text())["rows"]
     assert (row["before_median_ms"], row["after_median_ms"]) == pytest.approx((22.0, 11.0))
     assert row["speedup"] == pytest.approx(2.0)
+
+
+def test_projection_bias_script_writes_its_json(tmp_path):
+    """benchmarks/projection_bias.py on a tiny setting: one row per kind and d, finite ratios."""
+    out = tmp_path / "bias.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "projection_bias.py"), "--dims", "4", "--draws", "20",
+                    "--json", str(out)], check=True, timeout=120, capture_output=True)
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["projection"], r["d"]) for r in rows] == [("orthogonal", 4), ("hadamard", 4), ("givens", 4)]
+    assert all(0 < r["axis_ratio"] < 10 and 0 < r["fourth_moment_ratio"] < 10 for r in rows)
