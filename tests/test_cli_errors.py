@@ -87,6 +87,7 @@ OWN_ERRORS = [
     pytest.param(["train", *TINY, "--data", "corpus", "--weight-decay", "nan"], "train", "weight_decay and grad_clip must be finite",
                  id="train-weight-decay-nan"),
     pytest.param(["train", *TINY, "--data", "corpus", "--grad-clip", "nan"], "train", "got 0.1, nan", id="train-grad-clip-nan"),
+    pytest.param(["train", *TINY, "--data", ""], "train", "data path is empty", id="train-data-empty"),
     pytest.param(["train", *TINY, "--data", "corpus", "--steps", "0"], "train", "steps must be a positive integer, got 0", id="train-steps-0"),
     pytest.param(["train", *TINY, "--data", "corpus", "--batch-size", "-2"], "train", "batch_size must be a positive integer, got -2",
                  id="train-batch-size-negative"),
@@ -199,6 +200,10 @@ OWN_ERRORS = [
     pytest.param(["lra", "plot", "bad-metrics", "--out", "p.png", "--labels", "a", "b"], "lra",
                  "got 2 labels for 1 runs", id="lra-plot-label-count"),
     # favor approx (options checked before the sweep starts)
+    pytest.param(["approx", "--quick", "--prefix", "x"], "approx", "--prefix names the plots: give --plot-dir",
+                 id="approx-prefix-without-plot-dir"),
+    pytest.param(["approx", "--quick", "--budgets", "16,16"], "approx", "budgets lists 16 more than once",
+                 id="approx-repeated-budget"),
     pytest.param(["approx", "--quick", "--seeds", "0"], "approx", "seeds must be a positive int, got 0",
                  id="approx-seeds-0"),
     pytest.param(["approx", "--quick", "--length", "0"], "approx", "length must be a positive int, got 0",

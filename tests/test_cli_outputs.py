@@ -125,3 +125,13 @@ def test_approx_model_reads_a_protein_models_fasta(tmp_path, capsys):
     from favor.approx import setting_label
 
     assert setting_label(result) == "L=48, d=4, q, k, v of run, 1 seeds, causal"  # not "normal σ=0.5"
+
+
+def test_approx_model_refuses_a_relu_kernel_checkpoint(tmp_path, capsys):
+    """A relu model computes no softmax estimate: measuring one against exact softmax means nothing."""
+    run = tmp_path / "relu"
+    assert main(["train", *TINY_TRAIN, "--out", str(run), "--steps", "1", "--eval-every", "1",
+                 "--kernel", "relu"]) == 0
+    capsys.readouterr()
+    assert main([*QUICK_APPROX, "--length", "32", "--model", str(run)]) == 2
+    assert "uses the 'relu' kernel, not a softmax estimate" in capsys.readouterr().err

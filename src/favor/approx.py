@@ -604,6 +604,9 @@ def model_inputs(
 
     ckpt = load_checkpoint(checkpoint, optimizer=False)
     model_config = PerformerConfig.from_dict(ckpt.config["model"])
+    if model_config.kernel != "softmax":
+        raise ValueError(f"checkpoint {str(checkpoint)!r} uses the {model_config.kernel!r} kernel, not a softmax "
+                         "estimate: there is no exact softmax attention to compare it with")
     model = PerformerLM(model_config)
     load_weights(model, ckpt, strict_buffers=True)
     model.eval()

@@ -311,12 +311,14 @@ def evaluate_classifier(model: nn.Module, split: lo.ListOpsSplit, *, cls: bool, 
     was_training = model.training
     model.eval()
     correct, loss = 0, 0.0
-    for idx in order.split(batch_size):
-        ids, mask, labels = split.batch(idx, cls=cls)
-        logits = model(ids, key_padding_mask=mask)  # (B, 10)
-        correct += int((logits.argmax(-1) == labels).sum())
-        loss += float(nn.functional.cross_entropy(logits.float(), labels, reduction="sum"))
-    model.train(was_training)
+    try:
+        for idx in order.split(batch_size):
+            ids, mask, labels = split.batch(idx, cls=cls)
+            logits = model(ids, key_padding_mask=mask)  # (B, 10)
+            correct += int((logits.argmax(-1) == labels).sum())
+            loss += float(nn.functional.cross_entropy(logits.float(), labels, reduction="sum"))
+    finally:  # the caller's mode back even if a batch raises
+        model.train(was_training)
     return correct / n, loss / n
 
 

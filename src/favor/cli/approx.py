@@ -56,7 +56,7 @@ def register(subparsers) -> None:
     p.add_argument("--json", metavar="FILE", default=None, help="write the results as JSON to FILE")
     p.add_argument("--plot-dir", metavar="DIR", default=None, help="write approx_<projection>.png (and "
                    "approx_theory.png) to DIR")
-    p.add_argument("--prefix", default="approx", help="file-name prefix of the plots (default: approx)")
+    p.add_argument("--prefix", default=None, help="file-name prefix of the plots (with --plot-dir; default: approx)")
     p.add_argument("--seeds", type=int, default=None, metavar="S", help=f"seeds (default: {d.seeds})")
     p.add_argument("--dist", choices=DISTRIBUTIONS, default=None,
                    help=f"distribution of the entries of q, k, v, all with std sigma (default: {d.distribution})")
@@ -132,6 +132,8 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if args.text is not None and args.model is None:
         raise CLIError("--text needs --model")
+    if args.prefix is not None and args.plot_dir is None:
+        raise CLIError("--prefix names the plots: give --plot-dir")
     if args.against == "theory":
         if args.projections is not None and "iid" not in args.projections:
             raise CLIError("--against theory needs the iid projection (add iid to --projections)")
@@ -167,6 +169,7 @@ def run(args: argparse.Namespace) -> int:
         path.write_text(json.dumps(result, indent=1) + "\n")
         print(f"wrote {path}")
     if args.plot_dir is not None:
-        for path in plot_sweep(result, args.plot_dir, prefix=args.prefix, against_theory=args.against == "theory"):
+        prefix = args.prefix or "approx"
+        for path in plot_sweep(result, args.plot_dir, prefix=prefix, against_theory=args.against == "theory"):
             print(f"wrote {path}")
     return 0

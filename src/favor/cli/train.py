@@ -107,7 +107,8 @@ def register(subparsers) -> None:
     g.add_argument("--resume", metavar="PATH", nargs="?", const="", default=None,
                    help="continue a run from its checkpoint (a run folder or a step-* folder; "
                         "without PATH: --out); options given explicitly must agree with the checkpoint, "
-                        "except the ones that do not change the result (--steps, --eval-*, --save-every, --stop-at)")
+                        "except --steps (extends the run; the learning-rate schedule then ends at the new --steps), "
+                        "--eval-*, --save-every and --stop-at")
     g.add_argument("--init-from", metavar="CHECKPOINT", default=None,
                    help="start from these weights (fresh optimizer, step 0); the model options default to the "
                         "checkpoint's, and attention options may differ (e.g. softmax -> favor)")

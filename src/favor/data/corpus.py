@@ -343,6 +343,8 @@ def load_corpus(path: str | os.PathLike | None = None, *, val_percent: float = D
         raise ValueError(f"val_percent must be a number in (0, 100), got {val_percent!r}")
     if path is None:
         return stdlib_corpus(val_percent=val_percent)
+    if not str(path).strip():
+        raise ValueError("data path is empty; give a file or folder, or leave it out for the embedded corpus")
     p = Path(path).expanduser().resolve()
     if not p.exists():
         raise FileNotFoundError(f"data path {str(path)!r} does not exist")
