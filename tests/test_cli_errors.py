@@ -202,6 +202,8 @@ OWN_ERRORS = [
     # favor approx (options checked before the sweep starts)
     pytest.param(["approx", "--quick", "--prefix", "x"], "approx", "--prefix names the plots: give --plot-dir",
                  id="approx-prefix-without-plot-dir"),
+    pytest.param(["approx", "--quick", "--prefix", "", "--plot-dir", "plots"], "approx", "--prefix must not be empty",
+                 id="approx-empty-prefix"),
     pytest.param(["approx", "--quick", "--budgets", "16,16"], "approx", "budgets lists 16 more than once",
                  id="approx-repeated-budget"),
     pytest.param(["approx", "--quick", "--seeds", "0"], "approx", "seeds must be a positive int, got 0",

@@ -94,6 +94,18 @@ def test_a_path_through_a_file_names_the_file(tmp_path, capsys, argv, folder, me
     assert err == f"favor {argv[0]}: error: {fill(folder)}: {fill(message)}"
 
 
+def test_a_read_through_a_file_is_not_called_a_folder_creation(tmp_path):
+    """"Not a directory" also comes from reads (e.g. --text plain-file/input.txt): the message
+    names the file in the way without claiming a folder was being created."""
+    from favor.cli import _describe
+
+    blocking = tmp_path / "plain-file"
+    blocking.write_text("x")
+    exc = NotADirectoryError(20, "Not a directory", str(blocking / "input.txt"))
+    assert _describe(exc) == f"{blocking / 'input.txt'}: {blocking} is a file, not a folder"
+    assert _describe(FileNotFoundError(2, "No such file", "nope")) == "[Errno 2] No such file: 'nope'"
+
+
 def test_approx_creates_output_folders_before_the_sweep(tmp_path, monkeypatch):
     import favor.approx
 

@@ -203,15 +203,39 @@ def test_performerize_again_redraws_layers_it_cannot_find(monkeypatch):
     assert layer.favor_projection.shape == (32, 12)
 
 
-def test_a_first_call_under_inference_mode_does_not_block_training():
+@pytest.mark.parametrize("how", ["first-call", "performerize", "redraw"])
+def test_projections_drawn_under_inference_mode_do_not_block_training(how):
     model = _bert()
-    model.set_attn_implementation("favor")
+    if how == "redraw":
+        favor.performerize(model, nb_features=16, seed=0)
     with warnings.catch_warnings(), torch.inference_mode():
         warnings.simplefilter("ignore")
-        _out(model, _ids(2, 8))
+        if how == "first-call":
+            model.set_attn_implementation("favor")
+            _out(model, _ids(2, 8))
+        elif how == "performerize":
+            favor.performerize(model, nb_features=16, seed=0)
+        else:
+            fht.redraw_projections(model, seed=1)
     assert not model.encoder.layer[0].attention.self.favor_projection.is_inference()
     model.train()
     _out(model, _ids(2, 8)).sum().backward()
+
+
+@torch.no_grad()
+def test_a_rounded_projection_that_is_not_the_draw_is_upcast_once(monkeypatch):
+    """fp16 then bf16 rounds twice, so the buffer is not bf16(draw): it is kept (as float32), and
+    the check is not repeated on every call."""
+    model = favor.performerize(_bert().float(), nb_features=16, seed=0).half().to(torch.bfloat16)
+    layer = model.encoder.layer[0].attention.self
+    rounded = layer.favor_projection.float()
+    calls = []
+    real = fht._draw_projection
+    monkeypatch.setattr(fht, "_draw_projection", lambda *a: (calls.append(1), real(*a))[1])
+    for _ in range(3):
+        _out(model, _ids(1, 6))
+    assert len(calls) == 2  # one check per layer, at the first call only
+    assert layer.favor_projection.dtype == torch.float32 and torch.equal(layer.favor_projection, rounded)
 
 
 @torch.no_grad()

@@ -47,10 +47,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def _blocking_file(path: Path) -> Path | None:
+    """``path`` or its nearest parent that exists as something other than a folder, or None."""
+    return next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+
+
 def folder_blocker(path: Path) -> str | None:
     """Why the folder ``path`` cannot be created (``path`` or one of its parents is a regular
     file), or None."""
-    blocking = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    blocking = _blocking_file(path)
     if blocking is None:
         return None
     if blocking == path:
@@ -59,10 +64,14 @@ def folder_blocker(path: Path) -> str | None:
 
 
 def _describe(exc: BaseException) -> str:
-    """The one-line message for ``exc``; for a path that runs through a regular file (mkdir's
-    "File exists" / "Not a directory"), name that file instead of the OS's bare errno text."""
+    """The one-line message for ``exc``.  For a path that runs through a regular file, name that
+    file instead of the OS's bare errno text: mkdir's "File exists" is a folder that could not be
+    created; "Not a directory" can come from a read too, so its wording says only what is wrong."""
     if isinstance(exc, (FileExistsError, NotADirectoryError)) and exc.filename:
-        reason = folder_blocker(Path(exc.filename))
-        if reason is not None:
-            return reason
+        path = Path(exc.filename)
+        blocking = _blocking_file(path)
+        if blocking is not None and isinstance(exc, FileExistsError):
+            return folder_blocker(path)
+        if blocking is not None and blocking != path:
+            return f"{path}: {blocking} is a file, not a folder"
     return str(exc)

@@ -134,6 +134,8 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError("--text needs --model")
     if args.prefix is not None and args.plot_dir is None:
         raise CLIError("--prefix names the plots: give --plot-dir")
+    if args.prefix is not None and not args.prefix.strip():
+        raise CLIError("--prefix must not be empty")
     if args.against == "theory":
         if args.projections is not None and "iid" not in args.projections:
             raise CLIError("--against theory needs the iid projection (add iid to --projections)")
@@ -169,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
         path.write_text(json.dumps(result, indent=1) + "\n")
         print(f"wrote {path}")
     if args.plot_dir is not None:
-        prefix = args.prefix or "approx"
+        prefix = "approx" if args.prefix is None else args.prefix
         for path in plot_sweep(result, args.plot_dir, prefix=prefix, against_theory=args.against == "theory"):
             print(f"wrote {path}")
     return 0

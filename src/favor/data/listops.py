@@ -258,9 +258,10 @@ def iter_expressions(seed: int, *, min_length: int = 500, max_length: int = 2000
                      max_args: int = 10, max_failures: int = _MAX_FAILURES) -> Iterator[list[str]]:
     """Endless stream of unique expressions with ``min_length < len < max_length`` (LRA's filter).
 
-    Raises ValueError naming the constraints when ``max_failures`` consecutive draws are all
-    rejected by the length filter or duplicates: the constraints then (almost surely) allow no
-    more unique expressions, e.g. only the 10 digits for ``0 < len < 2``.
+    Raises ValueError naming the constraints when ``max_failures`` consecutive draws that pass the
+    length filter are all duplicates: the constraints then (almost surely) allow no more unique
+    expressions, e.g. only the 10 digits for ``0 < len < 2``.  Draws rejected by the length filter
+    do not count, so a narrow but feasible window is slow, never an error.
     """
     _check_int("min_length", min_length, 0)
     _check_int("max_length", max_length, min_length + 2)
@@ -276,21 +277,22 @@ def iter_expressions(seed: int, *, min_length: int = 500, max_length: int = 2000
                          f"not more than min_length={min_length}")
     rng = random.Random(seed)
     seen: set[tuple[str, ...]] = set()
-    failures = 0  # consecutive draws rejected by the length filter or already seen
+    failures = 0  # consecutive length-accepted draws that were already seen
     while True:
         expr = generate_expression(rng, max_depth=max_depth, max_args=max_args)
-        if min_length < len(expr) < max_length:
-            key = tuple(expr)
-            if key not in seen:
-                seen.add(key)
-                failures = 0
-                yield expr
-                continue
+        if not min_length < len(expr) < max_length:
+            continue
+        key = tuple(expr)
+        if key not in seen:
+            seen.add(key)
+            failures = 0
+            yield expr
+            continue
         failures += 1
         if failures >= max_failures:
             raise _ExhaustedError(
                 f"no new ListOps expression with {min_length} < length < {max_length} (max_depth={max_depth}, "
-                f"max_args={max_args}) in {max_failures:,} consecutive draws after {len(seen):,} unique ones; "
+                f"max_args={max_args}) in {max_failures:,} consecutive accepted draws after {len(seen):,} unique ones; "
                 "these constraints allow (almost) no more: widen min_length/max_length or raise "
                 "max_depth/max_args")
 

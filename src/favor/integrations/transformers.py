@@ -24,7 +24,9 @@ through ``from_pretrained(attn_implementation="favor")`` or ``set_attn_implement
 draws each one at its first call, from ``config.favor`` (defaults if absent, written back into the
 config with a warning).  ``from_pretrained`` does not know the ``favor_projection`` buffers (its load
 report lists them as UNEXPECTED and drops them); the reloaded layers redraw the same matrices from
-``config.favor``, and :func:`load_projections` copies the stored ones byte for byte.  A cast of the
+``config.favor`` (with the same favor code: a change to how a projection kind is drawn, as for
+``givens`` on 2026-11-29, changes the redraw), and :func:`load_projections` copies the stored ones
+byte for byte.  A cast of the
 model (``.half()``, ``.to(torch.bfloat16)``) rounds the buffers; at its next call each layer puts
 back the float32 draw they were rounded from, so a cast model and its reload compute the same.
 :func:`redraw_projections` draws new ones from a new seed, when the caller asks.
@@ -226,9 +228,15 @@ def _attention_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Modul
 
 
 def _set_projection(module: torch.nn.Module, projection: torch.Tensor) -> None:
+    """Store ``projection`` as the module's buffer, on the module's device.  Never an inference
+    tensor (a draw made under ``torch.inference_mode()`` is copied out), so training can follow."""
     old = module._buffers.get(BUFFER_NAME)
     device = old.device if old is not None else _module_device(module)
-    module.register_buffer(BUFFER_NAME, projection.to(device), persistent=True)
+    with torch.inference_mode(False):
+        projection = projection.to(device)
+        if projection.is_inference():
+            projection = projection.clone()
+    module.register_buffer(BUFFER_NAME, projection, persistent=True)
 
 
 def _module_device(module: torch.nn.Module) -> torch.device:
@@ -360,16 +368,16 @@ def load_projections(model: PreTrainedModel, checkpoint_dir: str | os.PathLike) 
 
 def _projection_for(module: torch.nn.Module, settings: FavorSettings, head_dim: int) -> torch.Tensor:
     """The layer's (m, D) projection, drawn from ``settings`` at its first call.  A buffer that a
-    cast of the model (``.half()``, ``.to(torch.bfloat16)``) rounded is put back to the float32 draw
-    it was rounded from, so a cast model computes what its reload (which redraws) computes."""
+    cast of the model (``.half()``, ``.to(torch.bfloat16)``) rounded goes back to float32, once:
+    to the draw it was rounded from when it is one (so a cast model computes what its reload,
+    which redraws, computes), else to its own values."""
     proj = module._buffers.get(BUFFER_NAME)
     if proj is None or (proj.dtype in (torch.float16, torch.bfloat16) and tuple(proj.shape) == (settings.nb_features, head_dim)):
-        # not an inference tensor even when first called under torch.inference_mode(), so that
-        # training can follow
-        with torch.inference_mode(False):
-            drawn = _draw_projection(settings, module, head_dim)
-            if proj is None or torch.equal(drawn.to(proj.dtype), proj.cpu()):
-                _set_projection(module, drawn)
+        drawn = _draw_projection(settings, module, head_dim)
+        if proj is None or torch.equal(drawn.to(proj.dtype), proj.cpu()):
+            _set_projection(module, drawn)
+        else:  # rounded from other values (e.g. restored by load_projections): keep them
+            _set_projection(module, proj.float())
         proj = module._buffers[BUFFER_NAME]
     if tuple(proj.shape) != (settings.nb_features, head_dim):
         raise ValueError(
@@ -456,7 +464,8 @@ def _reduce_4d_mask(mask: torch.Tensor, B: int, Lq: int, Lk: int, is_causal: boo
 
     Accepted only when it is a padding mask, alone or with a causal pattern; rows with nothing
     allowed (queries on padding, whose outputs models discard) are accepted whatever they hold:
-    FAVOR+ does not zero them, they attend to the unpadded keys like any other query."""
+    bidirectional, they attend to the unpadded keys like any other query; causal with left
+    padding, they see no key and get 0."""
     if mask.shape[-2:] != (Lq, Lk) or mask.shape[0] not in (1, B):
         raise ValueError(f"4D attention mask has shape {tuple(mask.shape)}, expected (B|1, H|1, {Lq}, {Lk})")
     if mask.dtype == torch.bool:
