@@ -401,7 +401,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2, help="intra-op threads")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="dtype of q, k, v for every method")
-    p.add_argument("--decode-steps", type=int, default=64)
+    p.add_argument("--decode-steps", type=int, default=64, help="decoding steps per context (0: skip decoding)")
     p.add_argument("--decoding-into", metavar="FILE",
                    help="measure decoding only and replace the decoding rows of the result JSON FILE")
     p.add_argument("--sweep-worker", help=argparse.SUPPRESS)
@@ -416,6 +416,8 @@ def main(argv=None) -> int:
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
+    if args.decode_steps < 0 or (args.decode_steps == 0 and args.decoding_into):
+        raise SystemExit(f"--decode-steps must be >= 0 (>= 1 with --decoding-into), got {args.decode_steps}")
     configure(args.threads, args.device, args.dtype)
     if args.decoding_into:
         with open(args.decoding_into) as f:
@@ -477,7 +479,8 @@ def main(argv=None) -> int:
         if row["status"] == "ok":
             row["fraction_of_matmul"] = row["gflops"] / result["matmul_gflops"]
     contexts = (16, 32) if args.quick else (1024, 4096, 16384)
-    result["decoding"] = decoding(contexts, 5 if args.quick else args.decode_steps)
+    steps = 5 if args.quick else args.decode_steps
+    result["decoding"] = decoding(contexts, steps) if steps else []
     emit_json(result, args.json)
     return 0
 
