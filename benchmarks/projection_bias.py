@@ -34,10 +34,12 @@ def measure(kind: str, d: int, draws: int, seed: int = 0) -> dict:
         est.append(torch.exp(w @ x - x @ x / 2).pow(2).mean())
         u0.append(w[:, 0] / w.norm(dim=1))
     ratio = torch.stack(est) / math.exp(float(x @ x))
-    u4 = torch.cat(u0).pow(4) * d * (d + 2) / 3
+    # per draw: the d rows of one block are dependent (column 0 of an orthogonal block is a unit
+    # vector), so the draws, not the rows, are the independent units of the standard error
+    u4 = torch.stack(u0).pow(4).mean(1) * d * (d + 2) / 3  # (draws,)
     return {"projection": kind, "d": d, "draws": draws,
             "axis_ratio": float(ratio.mean()), "axis_ratio_se": float(ratio.std()) / math.sqrt(draws),
-            "fourth_moment_ratio": float(u4.mean()), "fourth_moment_ratio_se": float(u4.std()) / math.sqrt(u4.numel())}
+            "fourth_moment_ratio": float(u4.mean()), "fourth_moment_ratio_se": float(u4.std()) / math.sqrt(draws)}
 
 
 def main(argv=None) -> int:

@@ -6,15 +6,17 @@ L = 1024, q, k, v ~ N(0, 0.5²), bidirectional), mean ± std over seeds, as JSON
 
 Every estimator is written out here as explicit features φ(x), φ(y) with an L×L kernel matrix (a
 slow, obviously-correct form: these are experiments, not kernels), in float64.  Each row says
-whether E[φ(x)ᵀφ(y)] = exp(xᵀy) exactly (``unbiased``) and how many output features it uses.
+whether E[φ(x)ᵀφ(y)] = exp(xᵀy) (``unbiased``: true, false, or "nearly" for the structured
+Hadamard projections, whose rows are only approximately isotropic) and how many output features
+it uses.
 
 Estimators (x = q/d^¼, y = k/d^¼; "orthogonal" = Haar blocks of d rows with chi row norms):
 
 * ``positive``, ``oprf``, ``hyperbolic_oprf``: favor's feature maps on orthogonal projections;
   ``hyperbolic_oprf*κ`` uses κ times FAVOR++'s closed-form A (unbiased for every A < 0): is the
   closed form, which minimises the kernel's variance, also best for the output error?
-* ``hyperbolic_oprf`` on better-balanced projections, each row still exactly Gaussian in law:
-  ``hadamard`` (favor's structured ORF), ``mub`` (pairs of mutually unbiased bases R and HR/√d,
+* ``hyperbolic_oprf`` on better-balanced projections, each row exactly Gaussian in law except
+  ``hadamard``'s (favor's structured ORF, nearly so), ``mub`` (pairs of mutually unbiased bases R and HR/√d,
   H the Sylvester Hadamard matrix, R Haar), ``simplex`` (d unit vectors of a regular simplex,
   rotated by a Haar R), ``stratified`` (orthogonal, row norms from stratified chi quantiles:
   a random permutation of (i + U_i)/m), and ``sqrt_d`` (orthogonal with all norms √d: biased, a
@@ -36,8 +38,9 @@ Estimators (x = q/d^¼, y = k/d^¼; "orthogonal" = Haar blocks of d rows with ch
   the query-side twin as well (one more feature): it only adds a constant to each row, which the
   normalisation does not cancel.
 * ``oprf_control``: FAVOR++ with a linear control variate: φ_r(x) − β(1 + ω_rᵀx) on both sides plus
-  the exact (2β − β²)-weighted corrections, β = 0.8 (unbiased for every β); costs d + 1 exact
-  features.
+  the exact corrections β(E φ(x) + E φ(y))(1 + c·xᵀy) − β²(1 + xᵀy), β = 0.8 (unbiased for every β).
+  Each coefficient is a query term plus a key term, so the corrections cost 2(d + 1) exact
+  features: M − 2(d + 1) random ones.
 * ``maclaurin``: exp(t) = 1 + t + t²/2 + (t³/6)·E_{s~Beta(1,3)}[exp(s t)]: the first two terms
   exact (d + 1 features), t² from squared orthogonal projections with its exact correction
   (1 feature), the remainder from products of three Gaussian projections and positive features of
@@ -67,6 +70,13 @@ DEFAULT_ESTIMATORS = ("positive", "oprf", "hyperbolic_oprf", "hyperbolic_oprf*0.
                       "hyperbolic_sderf", "complex_gerf", "hyperbolic_oprf_keycv",
                       "hyperbolic_oprf_keycv/hadamard", "hyperbolic_oprf_qkcv", "oprf_control", "maclaurin", "taylor2", "taylor1_exact")
 BIASED = {"hyperbolic_oprf/sqrt_d", "taylor2", "taylor1_exact"}
+
+
+def unbiasedness(name: str) -> bool | str:
+    """True, False, or "nearly" (Hadamard rows are only approximately isotropic)."""
+    if name in BIASED:
+        return False
+    return "nearly" if name.endswith("/hadamard") else True
 
 
 def _sylvester(n: int) -> torch.Tensor:
@@ -244,9 +254,9 @@ def kernel_matrix(name: str, x: torch.Tensor, y: torch.Tensor, budget: int, g: t
         return complex_gerf_kernel(x, y, projection(proj_kind or "orthogonal", budget // 2, d, g), a, b1)
     if kind == "oprf_control":
         beta = 0.8
-        m = budget - (d + 1)
+        m = budget - 2 * (d + 1)  # the exact corrections: (d + 1) query-side and (d + 1) key-side features
         if m <= 0:
-            raise ValueError(f"{name} needs a budget above {d + 1} features, got {budget}")
+            raise ValueError(f"{name} needs a budget above {2 * (d + 1)} features, got {budget}")
         w = projection("orthogonal", m, d, g)
         a = float(oprf_parameter(x, y))
         b = math.sqrt(1 - 4 * a)
@@ -314,7 +324,7 @@ def run(estimators, *, seeds: int, length: int, dim: int, sigma: float, budget: 
             exact_rows = torch.softmax(scores, dim=-1)
             errors.append(output_rel_error(kernel_matrix(name, x, y, budget, _generator(2, s)), exact_rows, v, causal))
         e = torch.tensor(errors, dtype=torch.float64)
-        rows.append({"estimator": name, "unbiased": name not in BIASED, "mean": float(e.mean()),
+        rows.append({"estimator": name, "unbiased": unbiasedness(name), "mean": float(e.mean()),
                      "std": float(e.std()) if seeds > 1 else 0.0, "seeds": seeds,
                      "seconds": time.perf_counter() - t0})
         print(f"{name:28s} {'' if name not in BIASED else '(biased) ':9s}{rows[-1]['mean']:.4f} ± {rows[-1]['std']:.4f}",

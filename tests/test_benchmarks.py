@@ -83,7 +83,8 @@ def test_variance_cuts_smoke_run_every_estimator(tmp_path):
     assert [r["estimator"] for r in result["rows"]] == list(variance_cuts.DEFAULT_ESTIMATORS)
     for r in result["rows"]:
         assert math.isfinite(r["mean"]) and r["mean"] > 0, r
-        assert r["unbiased"] == (r["estimator"] not in {"hyperbolic_oprf/sqrt_d", "taylor2", "taylor1_exact"})
+        expected = r["estimator"] not in {"hyperbolic_oprf/sqrt_d", "taylor2", "taylor1_exact"}
+        assert r["unbiased"] == ("nearly" if expected and r["estimator"].endswith("/hadamard") else expected)
 
 
 def test_variance_cuts_unbiased_estimators_average_to_the_kernel():
@@ -185,3 +186,17 @@ def test_projection_bias_script_writes_its_json(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [(r["projection"], r["d"]) for r in rows] == [("orthogonal", 4), ("hadamard", 4), ("givens", 4)]
     assert all(0 < r["axis_ratio"] < 10 and 0 < r["fourth_moment_ratio"] < 10 for r in rows)
+
+
+def test_variance_cuts_estimators_stay_within_their_feature_budget():
+    """Every estimator's L×L kernel matrix has rank ≤ the budget of output features, so the table
+    compares them at an equal budget (oprf_control once counted its exact corrections as d + 1
+    features where they take 2(d + 1))."""
+    import torch
+
+    variance_cuts = _variance_cuts()
+    g = torch.Generator().manual_seed(3)
+    x, y = (0.5 * torch.randn(192, 8, generator=g, dtype=torch.float64) / 8 ** 0.25 for _ in range(2))
+    for name in variance_cuts.DEFAULT_ESTIMATORS:
+        k = variance_cuts.kernel_matrix(name, x, y, 128, torch.Generator().manual_seed(0))
+        assert int(torch.linalg.matrix_rank(k)) <= 128, name
