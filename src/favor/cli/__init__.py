@@ -67,11 +67,13 @@ def _describe(exc: BaseException) -> str:
     """The one-line message for ``exc``.  For a path that runs through a regular file, name that
     file instead of the OS's bare errno text: mkdir's "File exists" is a folder that could not be
     created; "Not a directory" can come from a read too, so its wording says only what is wrong."""
-    if isinstance(exc, (FileExistsError, NotADirectoryError)) and exc.filename:
+    if isinstance(exc, FileExistsError) and exc.filename:
+        reason = folder_blocker(Path(exc.filename))
+        if reason is not None:
+            return reason
+    if isinstance(exc, NotADirectoryError) and exc.filename:
         path = Path(exc.filename)
         blocking = _blocking_file(path)
-        if blocking is not None and isinstance(exc, FileExistsError):
-            return folder_blocker(path)
         if blocking is not None and blocking != path:
             return f"{path}: {blocking} is a file, not a folder"
     return str(exc)

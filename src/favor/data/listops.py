@@ -64,9 +64,9 @@ TOKEN_ID = {tok: i for i, tok in enumerate(VOCAB)}
 LRA_SPLITS = {"train": 96_000, "val": 2_000, "test": 2_000}
 
 _OPERATOR_P = 0.25  # LRA's VALUE_P: a node is an operator when random() <= 0.25
-# Consecutive rejected or duplicate draws after which iter_expressions gives up.  The presets keep
-# about 1 draw in 12 (LRA, 500 < len < 2000) or 1 in 28 (cpu, 500 < len < 1000), and their longest
-# runs of rejections are a few hundred draws; 100,000 in a row has probability ~exp(-3600) there.
+# Consecutive duplicates among the length-accepted draws after which iter_expressions gives up
+# (length rejections do not count).  The presets' expressions are hundreds of tokens long and
+# practically never repeat, so they never come near it.
 _MAX_FAILURES = 100_000
 
 
@@ -251,7 +251,7 @@ def _check_int(name: str, value: object, low: int) -> int:
 
 
 class _ExhaustedError(ValueError):
-    """:func:`iter_expressions` found no new expression in ``max_failures`` consecutive draws."""
+    """:func:`iter_expressions` drew ``max_failures`` consecutive length-accepted duplicates."""
 
 
 def iter_expressions(seed: int, *, min_length: int = 500, max_length: int = 2000, max_depth: int = 10,

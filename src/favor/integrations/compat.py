@@ -72,12 +72,16 @@ def _first_sentence(doc: str) -> str | None:
     return text
 
 
+def _positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
 def stdlib_sentences(n: int, *, seed: int = 0, modules: Iterable[str] = STDLIB_MODULES) -> list[str]:
     """``n`` distinct English sentences: the first sentences of the docstrings of the public members
     of ``modules`` (and of the modules themselves), shuffled with ``seed``.  Deterministic for a
     given Python version.  Modules that fail to import (e.g. ``turtle`` without tkinter) are skipped."""
-    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
-        raise ValueError(f"n must be a positive int, got {n!r}")
+    _positive_int("n", n)
     seen: dict[str, None] = {}
     for name in modules:
         try:
@@ -149,11 +153,6 @@ def _embed_batch(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torc
     mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, L, 1)
     pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
     return torch.nn.functional.normalize(pooled, dim=-1)
-
-
-def _positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 def min_max_length(tokenizer) -> int:

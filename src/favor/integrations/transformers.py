@@ -372,17 +372,18 @@ def _projection_for(module: torch.nn.Module, settings: FavorSettings, head_dim: 
     to the draw it was rounded from when it is one (so a cast model computes what its reload,
     which redraws, computes), else to its own values."""
     proj = module._buffers.get(BUFFER_NAME)
-    if proj is None or (proj.dtype in (torch.float16, torch.bfloat16) and tuple(proj.shape) == (settings.nb_features, head_dim)):
+    shape = (settings.nb_features, head_dim)
+    if proj is None or (proj.dtype in (torch.float16, torch.bfloat16) and tuple(proj.shape) == shape):
         drawn = _draw_projection(settings, module, head_dim)
         if proj is None or torch.equal(drawn.to(proj.dtype), proj.cpu()):
             _set_projection(module, drawn)
         else:  # rounded from other values (e.g. restored by load_projections): keep them
             _set_projection(module, proj.float())
         proj = module._buffers[BUFFER_NAME]
-    if tuple(proj.shape) != (settings.nb_features, head_dim):
+    if tuple(proj.shape) != shape:
         raise ValueError(
             f"{type(module).__name__}.{BUFFER_NAME} has shape {tuple(proj.shape)} but the settings and "
-            f"head dim need ({settings.nb_features}, {head_dim}); call favor.performerize again"
+            f"head dim need {shape}; call favor.performerize again"
         )
     return proj
 
