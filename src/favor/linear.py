@@ -178,12 +178,13 @@ def causal_linear_attention(
     state = initial_state or empty_state(B, H, M, Dv, dtype=q_feat.dtype, device=q_feat.device)
     kv, k_sum, log_scale = state.kv, state.k_sum, state.log_scale
     outs = []
-    for start in range(0, L, chunk_size):
-        stop = min(start + chunk_size, L)
-        qc = q_feat[:, :, start:stop]  # (B, H, C, M)
-        kc = k_feat[:, :, start:stop]  # (B, H, C, M)
-        vc = value[:, :, start:stop]  # (B, H, C, Dv)
-        C = stop - start
+    # torch.split, not slicing in the loop: the backward of L/C slices would write each chunk's
+    # gradient into its own zero-filled (B, H, L, ·) tensor, O(L²/C) work; split's is one concat
+    # (an empty L still splits into one empty piece: no chunks then)
+    pieces = [torch.split(t, chunk_size, dim=2) if L else () for t in (q_feat, k_feat, value)]
+    h_pieces = None if k_log_scale is None else torch.split(k_log_scale, chunk_size, dim=2)
+    for index, (qc, kc, vc) in enumerate(zip(*pieces)):  # (B, H, C, M), (B, H, C, M), (B, H, C, Dv)
+        C = qc.shape[2]
         future = torch.ones(C, C, dtype=torch.bool, device=q_feat.device).triu_(1)  # j > t
         scores = qc @ kc.transpose(-1, -2)  # (B, H, C, C)
         if k_log_scale is None:
@@ -193,7 +194,7 @@ def causal_linear_attention(
             kv = kv + kc.transpose(-1, -2) @ vc
             k_sum = k_sum + kc.sum(-2)
         else:
-            hc = k_log_scale[:, :, start:stop]  # (B, H, C)
+            hc = h_pieces[index]  # (B, H, C)
             # running max of h up to and including t: shift for query t (detached: a pure shift)
             run = torch.maximum(log_scale.unsqueeze(-1), torch.cummax(hc.detach(), dim=-1).values)
             ref = _finite_or_zero(run)  # (B, H, C)
