@@ -152,6 +152,32 @@ def test_measure_uses_the_same_estimate_as_favor_attention(kind, causal):
     assert r["attention_mse"] == pytest.approx(float(((a[0, 0] - p) ** 2).mean()), rel=1e-9)
 
 
+@pytest.mark.parametrize("key_estimator", ["normalized", "calibrated"])
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+@pytest.mark.parametrize("kind", ["positive", "hyperbolic_oprf"])
+def test_measure_with_a_key_estimator_uses_favor_attentions_estimate(kind, causal, key_estimator):
+    q, k, v = draw_inputs(37, 6, sigma=0.8, value_dim=5, generator=gen(32))
+    w = favor.gaussian_orthogonal_matrix(10, 6, generator=gen(33), dtype=F64)
+    r = measure(q, k, v, w, kind, causal=causal, key_estimator=key_estimator)
+    out = favor.favor_attention(q[None, None], k[None, None], v[None, None], w, features=kind, is_causal=causal,
+                                key_estimator=key_estimator)[0, 0]
+    exact = softmax_attention(q[None, None], k[None, None], v[None, None], is_causal=causal)[0, 0]
+    assert r["output_rel_error"] == pytest.approx(float((out - exact).norm() / exact.norm()), rel=1e-9)
+    plain = measure(q, k, v, w, kind, causal=causal)
+    assert r["output_rel_error"] != plain["output_rel_error"]
+    with pytest.raises(ValueError, match="plain key features"):
+        measure(q, k, v, w, kind, causal=causal, key_estimator=key_estimator, theory=True)
+
+
+def test_sweep_with_calibrated_keys_records_it_and_skips_the_closed_form():
+    config = ApproxConfig(length=48, dim=4, budgets=(8,), seeds=2, rows=16, pairs=32, key_estimator="calibrated",
+                          features=("positive", "hyperbolic_oprf"), projections=("iid", "orthogonal"))
+    result = run_sweep(config, progress=False)
+    assert result["config"]["key_estimator"] == "calibrated"
+    assert all("theory_kernel_mse" not in r for r in result["results"])
+    assert "(calibrated keys)" in format_table(result)
+
+
 @pytest.mark.parametrize("dist", ["normal", "uniform", "laplace"])
 def test_inputs_have_the_requested_spread(dist):
     q, k, v = draw_inputs(4000, 8, distribution=dist, sigma=0.7, value_dim=3, generator=gen(40))
@@ -188,9 +214,12 @@ def test_sweep_structure_and_table():
         (dict(budgets=(16, 64, 16)), "budgets lists 16 more than once"),
         (dict(projections=("iid", "iid")), "projections lists iid more than once"),
         (dict(features=("oprf", "trig", "oprf")), "features lists oprf more than once"),
+        (dict(key_estimator="normalized"), "features='trig'"),
+        (dict(key_estimator="exact", features=("positive",)), "unknown key_estimator 'exact'"),
     ],
     ids=["odd-budget", "bad-features", "bad-projection", "bad-dist", "bad-sigma", "no-seeds",
-         "repeated-budget", "repeated-projection", "repeated-feature"],
+         "repeated-budget", "repeated-projection", "repeated-feature", "key-estimator-with-trig",
+         "unknown-key-estimator"],
 )
 def test_bad_config_is_rejected(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -218,8 +247,11 @@ def test_cli_writes_json_and_plots(tmp_path, capsys):
         (["--against", "theory"], "--plot-dir"),
         (["--features", "softplus"], "unknown feature kind"),
         (["--text", "x.txt"], "--text needs --model"),
+        (["--against", "theory", "--plot-dir", "x", "--key-estimator", "calibrated"], "plain key features"),
+        (["--key-estimator", "calibrated"], "features='trig'"),
     ],
-    ids=["theory-no-iid", "theory-no-plot-dir", "bad-kind", "text-without-model"],
+    ids=["theory-no-iid", "theory-no-plot-dir", "bad-kind", "text-without-model", "theory-with-key-estimator",
+         "key-estimator-with-trig"],
 )
 def test_cli_user_errors_exit_2(argv, match, capsys):
     assert cli_main(["approx", "--quick", *argv]) == 2

@@ -318,3 +318,13 @@ def test_generate_checks_the_length_before_printing_the_prompt(trained, capsys):
     rc = main(["generate", "--checkpoint", str(trained), "--prompt", "ab", "--max-new-tokens", "100000"])
     assert capsys.readouterr().out == ""
     assert rc == 2
+
+
+def test_train_with_calibrated_keys_records_the_option(corpus, tmp_path):
+    run = tmp_path / "calibrated"
+    assert _train("--data", corpus, "--out", run, "--steps", "3", "--eval-every", "3",
+                  "--key-estimator", "calibrated") == 0
+    ckpt = load_checkpoint(run)
+    assert ckpt.config["model"]["key_estimator"] == "calibrated"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["val_step"] == 3 and 0 < summary["val_loss"] < 10, summary

@@ -371,3 +371,31 @@ def test_minilm_embeddings_survive_performerization():
     a = agreement(exact, approx)
     assert a.mean_cosine > MINILM_MIN_COSINE_M256, a
     assert a.nn_agreement > MINILM_MIN_NN_AGREEMENT_M256, a
+
+
+@pytest.mark.parametrize("key_estimator", ["normalized", "calibrated"])
+@torch.no_grad()
+def test_key_estimator_in_a_causal_model_keeps_causality_padding_and_cached_decoding(key_estimator):
+    """performerize(key_estimator=...) is stored in config.favor, changes the outputs, and keeps
+    causality, right padding and the cached decoding path exact."""
+    model = favor.performerize(_gpt2(), nb_features=64, seed=5, key_estimator=key_estimator)
+    assert model.config.favor["key_estimator"] == key_estimator
+    ids = _ids(2, 19, seed=6)
+    plain = favor.performerize(_gpt2(), nb_features=64, seed=5)
+    assert not torch.allclose(_out(model, ids), _out(plain, ids))
+    changed = ids.clone()
+    changed[:, 12:] = (changed[:, 12:] + 1) % VOCAB
+    torch.testing.assert_close(_out(model, ids)[:, :12], _out(model, changed)[:, :12], rtol=1e-12, atol=1e-12)
+    mask = torch.ones(2, 19, dtype=torch.long)
+    mask[1, 11:] = 0
+    torch.testing.assert_close(_out(model, ids, mask)[1, :11], _out(model, ids[1:, :11])[0], rtol=1e-10, atol=1e-10)
+    gen = model.generate(ids[:, :5], max_new_tokens=6, do_sample=False, pad_token_id=0)
+    full = _out(model, gen)
+    assert torch.equal(full[:, 4:-1].argmax(-1), gen[:, 5:])
+
+
+def test_key_estimator_is_validated_by_performerize():
+    with pytest.raises(ValueError, match="unknown key_estimator 'exact'"):
+        favor.performerize(_bert(), nb_features=8, key_estimator="exact")
+    with pytest.raises(ValueError, match="features='trig'"):
+        favor.performerize(_bert(), nb_features=8, features="trig", key_estimator="normalized")

@@ -73,6 +73,9 @@ BAD_CONFIGS = [
     ({"mlp_ratio": float("inf")}, ValueError, "mlp_ratio must be finite"),
     ({"dropout": float("nan")}, ValueError, "dropout must be finite"),
     ({"mlp_ratio": "2"}, TypeError, "mlp_ratio must be a float"),
+    ({"key_estimator": "exact"}, ValueError, "unknown key_estimator 'exact'"),
+    ({"key_estimator": "normalized", "features": "trig"}, ValueError, "features='trig'"),
+    ({"key_estimator": "calibrated", "kernel": "relu"}, ValueError, "kernel='relu'"),
 ]
 
 
@@ -107,6 +110,8 @@ CACHE_CASES = [
     ("favor-rotary", {}),
     ("favor-learned-pos", {"rotary": False}),
     ("favor-oprf", {"features": "oprf"}),
+    ("favor-calibrated-keys", {"key_estimator": "calibrated"}),
+    ("favor-hyperbolic_oprf-normalized-keys", {"features": "hyperbolic_oprf", "key_estimator": "normalized"}),
     ("softmax-rotary", {"attention": "softmax"}),
     ("softmax-learned-pos", {"attention": "softmax", "rotary": False}),
 ]
@@ -323,3 +328,19 @@ def test_torch_compile_matches_eager():
     eager = model(idx)
     out = torch.compile(model)(idx)
     torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-5)
+
+
+def test_key_estimator_reaches_every_layer_and_round_trips_through_the_config():
+    cfg = tiny(key_estimator="calibrated")
+    model = build(PerformerLM, cfg)
+    layers = [m for m in model.modules() if isinstance(m, FavorAttention)]
+    assert layers and all(m.key_estimator == "calibrated" for m in layers)
+    assert "key_estimator='calibrated'" in repr(layers[0])
+    assert PerformerConfig.from_dict(dataclasses.asdict(cfg)) == cfg
+    # a config saved before the option existed loads with the unbiased default
+    old = {k: v for k, v in dataclasses.asdict(tiny()).items() if k != "key_estimator"}
+    assert PerformerConfig.from_dict(old).key_estimator == "plain"
+    # and the option changes the outputs (same weights and projections)
+    idx = tokens(2, 20)
+    plain = build(PerformerLM, tiny())
+    assert not torch.allclose(model(idx), plain(idx))

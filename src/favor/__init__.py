@@ -1,7 +1,16 @@
 """favor: FAVOR+ (Performer) attention for PyTorch, linear in sequence length."""
 
 from .attention import favor_attention, favor_attention_step
-from .feature_maps import FEATURES, KERNELS, feature_map, num_features, oprf_parameter, random_features
+from .feature_maps import (
+    FEATURES,
+    KERNELS,
+    KEY_ESTIMATORS,
+    feature_map,
+    key_feature_map,
+    num_features,
+    oprf_parameter,
+    random_features,
+)
 from .linear import DEFAULT_CHUNK_SIZE, FavorState, causal_linear_attention, linear_attention
 from .projections import (
     PROJECTIONS,
@@ -22,6 +31,7 @@ __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "FEATURES",
     "KERNELS",
+    "KEY_ESTIMATORS",
     "PROJECTIONS",
     "SCALINGS",
     "FavorState",
@@ -36,6 +46,7 @@ __all__ = [
     "hadamard_orthogonal_matrix",
     "hadamard_projection",
     "hadamard_transform",
+    "key_feature_map",
     "linear_attention",
     "num_features",
     "oprf_parameter",

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .feature_maps import FEATURES, OPRF_FEATURES, feature_map, oprf_parameter
+from .feature_maps import FEATURES, OPRF_FEATURES, check_key_estimator, feature_map, key_feature_map, oprf_parameter
 from .linear import causal_linear_attention, linear_attention
 from .projections import PROJECTIONS, projection_matrix
 
@@ -95,6 +95,7 @@ class ApproxConfig:
     pairs: int = 1024  # P, (query, key) pairs sampled for kernel_mse
     base_seed: int = 0  # salt: seed s uses torch generators seeded from (base_seed, s)
     precision: str = "float32"  # dtype of features and estimates (exact references: float64)
+    key_estimator: str = "plain"  # keys' estimator, one of favor.KEY_ESTIMATORS (non-plain: no trig)
 
     def __post_init__(self) -> None:
         for name in ("length", "dim", "seeds", "rows", "pairs"):
@@ -117,6 +118,7 @@ class ApproxConfig:
         for kind in self.features:
             if kind not in FEATURES:
                 raise ValueError(f"unknown feature kind {kind!r}; expected some of {FEATURES}")
+            check_key_estimator(self.key_estimator, kind, "softmax")
         for budget in self.budgets:
             if isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0:
                 raise ValueError(f"budgets must be positive ints, got {budget!r}")
@@ -279,6 +281,7 @@ def measure(
     pairs: tuple[torch.Tensor, torch.Tensor] | None = None,
     exact_rows: torch.Tensor | None = None,
     theory: bool = False,
+    key_estimator: str = "plain",
 ) -> dict:
     """Errors of one draw.  q, k: (L, d), v: (L, Dv), projection (m, d), all of one float dtype
     in which the features are computed (the exact references are computed in float64).
@@ -290,7 +293,8 @@ def measure(
 
     rows: (R,) query indices (default: all L); pairs: ((P,), (P,)) query and key indices for the
     kernel errors (default: i = j); exact_rows: (R, L) float64 exact attention rows, to reuse
-    across calls.  ``theory`` adds ``theory_kernel_mse`` (the closed form for i.i.d. projections).
+    across calls.  ``theory`` adds ``theory_kernel_mse`` (the closed form for i.i.d. projections
+    and plain keys).  ``key_estimator``: the keys' features (:func:`favor.key_feature_map`).
     Returns a dict of floats.
     """
     if q.dim() != 2 or k.shape != q.shape or v.dim() != 2 or v.shape[0] != q.shape[0]:
@@ -307,7 +311,7 @@ def measure(
     x, y = q * root, k * root
     a = _parameter(features, x, y, causal)
     fq = feature_map(torch.cat((x[rows], x[qi])), projection, features, oprf_a=a)  # psi (R + P, M)
-    fk = feature_map(y, projection, features, oprf_a=a)  # psi (L, M), log_scale (L,)
+    fk = key_feature_map(y, projection, features, oprf_a=a, key_estimator=key_estimator)  # psi (L, M), log_scale (L,)
 
     if exact_rows is None:
         exact_rows = _exact_rows(q, k, rows, causal)
@@ -330,6 +334,8 @@ def measure(
         "kernel_rel_mse": float(((kern - exact_kernel) / exact_kernel).pow(2).mean()),
     }
     if theory:
+        if key_estimator != "plain":
+            raise ValueError(f"the closed-form MSE is for plain key features, not key_estimator={key_estimator!r}")
         a64 = None if a is None else a.to(torch.float64)
         closed = theory_kernel_mse(features, xp, yp, projection.shape[0], a64)  # (P,)
         result["theory_kernel_mse"] = float(closed.mean())
@@ -408,7 +414,8 @@ def run_sweep(
                 for budget in c.budgets:
                     m = projections_for(kind, budget)
                     r = measure(qc, kc, vc, w_full[:m], kind, causal=c.causal, rows=rows, pairs=(qi, kj),
-                                exact_rows=exact_rows, theory=proj == "iid")
+                                exact_rows=exact_rows, theory=proj == "iid" and c.key_estimator == "plain",
+                                key_estimator=c.key_estimator)
                     per_cell.setdefault((kind, proj, budget), []).append(r)
                     bar.update(1)
     bar.close()
@@ -445,7 +452,7 @@ def format_table(result: dict, *, quantity: str = "output_rel_error", budgets: t
                 cells.append("-" if r is None else fmt(r[quantity]))
             lines.append(cells)
     widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
-    text = [quantity]
+    text = [quantity if cfg.get("key_estimator", "plain") == "plain" else f"{quantity} ({cfg['key_estimator']} keys)"]
     for row in lines:
         text.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
     return "\n".join(text)
@@ -485,7 +492,9 @@ def setting_label(result: dict) -> str:
         inputs = f"q, k, v of {Path(result['model']['checkpoint']).name}"
     else:
         inputs = f"{cfg['distribution']} σ={cfg['sigma']}"
-    return f"L={cfg['length']}, d={cfg['dim']}, {inputs}, {cfg['seeds']} seeds, {mode}"
+    keys = cfg.get("key_estimator", "plain")
+    return f"L={cfg['length']}, d={cfg['dim']}, {inputs}, {cfg['seeds']} seeds, {mode}" + (
+        "" if keys == "plain" else f", {keys} keys")
 
 
 def plot_sweep(result: dict, out_dir: str | Path, *, prefix: str = "approx", against_theory: bool = False) -> list[Path]:

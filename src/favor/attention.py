@@ -10,7 +10,16 @@ import math
 
 import torch
 
-from .feature_maps import FEATURES, KERNELS, OPRF_FEATURES, feature_map, num_features, oprf_parameter
+from .feature_maps import (
+    FEATURES,
+    KERNELS,
+    OPRF_FEATURES,
+    check_key_estimator,
+    feature_map,
+    key_feature_map,
+    num_features,
+    oprf_parameter,
+)
 from .fused import FUSED_KINDS, fused_attention, make_spec
 from .linear import DEFAULT_CHUNK_SIZE, FavorState, _check_state, causal_linear_attention, linear_attention
 
@@ -162,11 +171,12 @@ def _bidirectional_oprf_parameter(q: torch.Tensor, k: torch.Tensor, root: float,
                           None if query_mask is None else query_mask.unsqueeze(1))
 
 
-def _use_fused(features, kernel, tensors, initial_state, return_state) -> bool:
-    """The fused kernels (:mod:`favor.fused`) serve every call of a kind they implement, except
-    those that need gradients through a :class:`FavorState` (initial_state/return_state with
-    autograd): those take the generic path (feature_map + :mod:`favor.linear`)."""
-    if (features, kernel) not in FUSED_KINDS:
+def _use_fused(features, kernel, tensors, initial_state, return_state, key_estimator="plain") -> bool:
+    """The fused kernels (:mod:`favor.fused`) serve every call of a kind they implement with plain
+    key features, except those that need gradients through a :class:`FavorState`
+    (initial_state/return_state with autograd): those take the generic path (feature maps +
+    :mod:`favor.linear`)."""
+    if (features, kernel) not in FUSED_KINDS or key_estimator != "plain":
         return False
     if initial_state is None and not return_state:
         return True
@@ -192,6 +202,7 @@ def favor_attention(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     query_padding_mask: torch.Tensor | None = None,
     backend: str = "auto",
+    key_estimator: str = "plain",
 ) -> torch.Tensor | tuple[torch.Tensor, FavorState]:
     """Random-feature estimate of softmax(scale·QKᵀ)V in linear time and memory.
 
@@ -218,6 +229,10 @@ def favor_attention(
             backward, no double backward) for the kinds they implement, else the generic path;
             ``"generic"``: always feature map + :mod:`favor.linear` under autograd (stores the
             (L, M) features; differentiable to any order, e.g. for Hessians).
+        key_estimator: how the keys' features estimate the kernel (:mod:`favor.feature_maps`):
+            ``"plain"`` (default, unbiased), ``"normalized"`` or ``"calibrated"`` (self-normalised
+            per key: lower error, a small bias that vanishes as M grows; positive exponential
+            kinds only; they take the generic path).
 
     Returns:
         (B, H, Lq, Dv) in the input dtype, and the :class:`FavorState` if ``return_state``.
@@ -240,6 +255,7 @@ def favor_attention(
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
     _validate(query, key, value, projection, features, kernel, is_causal, key_padding_mask,
               scale, initial_state, chunk_size, query_padding_mask)
+    check_key_estimator(key_estimator, features, kernel)
     out_dtype = query.dtype
     cdtype = _compute_dtype(out_dtype)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
@@ -249,7 +265,7 @@ def favor_attention(
         v = value.to(cdtype)
         proj = None if projection is None else projection.to(device=query.device, dtype=cdtype)
         fused = backend == "auto" and _use_fused(features, kernel, (query, key, value, projection, initial_state),
-                                                 initial_state, return_state)
+                                                 initial_state, return_state, key_estimator)
 
         oprf_a = feature_a = None  # A as carried in the state / as used by the features
         if features in OPRF_FEATURES and kernel == "softmax":
@@ -273,7 +289,7 @@ def favor_attention(
         # the fused kernels scale block by block; the generic path takes scaled copies
         x, y = q * root, k * root  # (B, H, L, D)
         fq = feature_map(x, proj, features, kernel=kernel, oprf_a=feature_a)
-        fk = feature_map(y, proj, features, kernel=kernel, oprf_a=feature_a)
+        fk = key_feature_map(y, proj, features, kernel=kernel, oprf_a=feature_a, key_estimator=key_estimator)
         k_psi, k_log = fk.psi, fk.log_scale
         if key_padding_mask is not None:
             keep = key_padding_mask.unsqueeze(1)  # (B, 1, Lk)
@@ -304,13 +320,16 @@ def favor_attention_step(
     kernel: str = "softmax",
     scale: float | None = None,
     key_padding_mask: torch.Tensor | None = None,
+    key_estimator: str = "plain",
 ) -> tuple[torch.Tensor, FavorState]:
     """One recurrent decoding step: (B, H, 1, D) query/key, (B, H, 1, Dv) value, previous state
     (``None`` at the first token) -> ((B, H, 1, Dv) output, new state).  O(M·Dv) per token,
-    independent of how many tokens came before."""
+    independent of how many tokens came before.  ``key_estimator`` as in :func:`favor_attention`
+    (it must match the call that made ``state``)."""
     if isinstance(query, torch.Tensor) and query.dim() == 4 and query.shape[2] != 1:
         raise ValueError(f"favor_attention_step takes one token (L=1), got query {tuple(query.shape)}")
     return favor_attention(
         query, key, value, projection, features=features, kernel=kernel, is_causal=True,
         key_padding_mask=key_padding_mask, scale=scale, initial_state=state, return_state=True,
+        key_estimator=key_estimator,
     )

@@ -56,6 +56,7 @@ def explicit_attention_matrix(
     is_causal: bool = False,
     key_padding_mask: torch.Tensor | None = None,
     scale: float | None = None,
+    key_estimator: str = "plain",
 ) -> torch.Tensor:
     """The row-normalised estimated attention matrix (B, H, Lq, Lk) (rows with no key: 0)."""
     if kernel == "softmax" and features is None:
@@ -74,7 +75,8 @@ def explicit_attention_matrix(
             x_mask = mask if mask is not None and x.shape[2] == y.shape[2] else None
             oprf_a = oprf_parameter(x, y, mask, x_mask)
     phi_q = random_features(x, projection, features, kernel=kernel, oprf_a=oprf_a)  # (B, H, Lq, M)
-    phi_k = random_features(y, projection, features, kernel=kernel, oprf_a=oprf_a)  # (B, H, Lk, M)
+    phi_k = random_features(y, projection, features, kernel=kernel, oprf_a=oprf_a,
+                            key_estimator=key_estimator)  # (B, H, Lk, M)
     a = phi_q @ phi_k.transpose(-1, -2)  # (B, H, Lq, Lk)
     allowed = _allowed(query.shape[-2], key.shape[-2], is_causal, key_padding_mask, query.device)
     a = a.masked_fill(~allowed, 0.0)

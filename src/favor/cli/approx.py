@@ -34,6 +34,7 @@ def _names(text: str) -> tuple[str, ...]:
 
 def register(subparsers) -> None:
     from ..approx import DISTRIBUTIONS, ApproxConfig
+    from ..feature_maps import KEY_ESTIMATORS
 
     d = ApproxConfig()
     p = subparsers.add_parser(
@@ -70,6 +71,9 @@ def register(subparsers) -> None:
                    help=f"feature kinds (default: {','.join(d.features)})")
     p.add_argument("--projections", type=_names, default=None, metavar="P1,P2,...",
                    help=f"projection kinds (default: {','.join(d.projections)})")
+    p.add_argument("--key-estimator", choices=KEY_ESTIMATORS, default=None,
+                   help="keys' features: plain (default, unbiased) or the self-normalised normalized/calibrated "
+                        "(small bias, vanishing as M grows; not with trig: give --features)")
     p.add_argument("--causal", action="store_true",
                    help="causal attention (query t sees keys 0..t; with --model: as the model is)")
     p.add_argument("--rows", type=int, default=None, metavar="R",
@@ -100,6 +104,7 @@ def _config(args: argparse.Namespace):
         "seeds": args.seeds, "distribution": args.dist, "sigma": args.sigma, "length": args.length,
         "dim": args.dim, "budgets": args.budgets, "features": args.features, "projections": args.projections,
         "rows": args.rows, "pairs": args.pairs, "precision": args.precision, "base_seed": args.base_seed,
+        "key_estimator": args.key_estimator,
     }
     fields.update({k: v for k, v in explicit.items() if v is not None})
     if args.causal:
@@ -137,6 +142,8 @@ def run(args: argparse.Namespace) -> int:
     if args.prefix is not None and not args.prefix.strip():
         raise CLIError("--prefix must not be empty")
     if args.against == "theory":
+        if args.key_estimator not in (None, "plain"):
+            raise CLIError("--against theory compares with Lemma 2's closed form, which is for plain key features")
         if args.projections is not None and "iid" not in args.projections:
             raise CLIError("--against theory needs the iid projection (add iid to --projections)")
         if args.plot_dir is None:

@@ -67,7 +67,7 @@ from transformers.masking_utils import (
 )
 
 from ..attention import favor_attention
-from ..feature_maps import FEATURES, KERNELS
+from ..feature_maps import FEATURES, KERNELS, check_key_estimator
 from ..linear import DEFAULT_CHUNK_SIZE
 from ..projections import PROJECTIONS, SCALINGS, projection_matrix
 
@@ -106,6 +106,7 @@ class FavorSettings:
     scaling: str = "chi"  # favor.SCALINGS: row norms of the orthogonal kinds
     seed: int = 0  # base seed; each layer mixes in its identity (class name, layer_idx)
     chunk_size: int = DEFAULT_CHUNK_SIZE  # causal chunk length (speed only)
+    key_estimator: str = "plain"  # favor.KEY_ESTIMATORS: "plain" (unbiased), "normalized", "calibrated"
 
     def __post_init__(self) -> None:
         m = self.nb_features
@@ -128,6 +129,7 @@ class FavorSettings:
         c = self.chunk_size
         if isinstance(c, bool) or not isinstance(c, int) or c <= 0:
             raise ValueError(f"chunk_size must be a positive int, got {c!r}")
+        check_key_estimator(self.key_estimator, self.features, self.kernel)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -255,6 +257,7 @@ def performerize(
     scaling: str = "chi",
     seed: int = 0,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    key_estimator: str = "plain",
 ) -> PreTrainedModel:
     """Switch a loaded ``transformers`` model to FAVOR+ attention, in place.
 
@@ -272,6 +275,9 @@ def performerize(
         scaling: row norms, one of ``favor.SCALINGS``.
         seed: base seed; layer i's projection is drawn from it mixed with the layer's identity.
         chunk_size: causal chunk length.
+        key_estimator: how keys' features estimate the kernel, one of ``favor.KEY_ESTIMATORS``:
+            ``"plain"`` (unbiased) or the self-normalised ``"normalized"``/``"calibrated"``
+            (lower error, a small bias that vanishes as M grows; see :func:`favor.favor_attention`).
 
     Returns:
         the same model.
@@ -282,7 +288,7 @@ def performerize(
         features = None  # the default names the softmax map; relu/elu have none
     settings = FavorSettings(
         nb_features=nb_features, features=features, kernel=kernel, projection=projection,
-        scaling=scaling, seed=seed, chunk_size=chunk_size,
+        scaling=scaling, seed=seed, chunk_size=chunk_size, key_estimator=key_estimator,
     )
     register()
     for cfg in _configs(model):
@@ -572,6 +578,7 @@ def favor_attention_forward(
     opts = dict(
         features=settings.features, kernel=settings.kernel, key_padding_mask=key_padding_mask,
         scale=None if scaling is None else float(scaling), chunk_size=settings.chunk_size,
+        key_estimator=settings.key_estimator,
     )
     if causal and Lq > Lk:
         raise ValueError(f"causal attention with more queries ({Lq}) than keys ({Lk})")

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..feature_maps import FEATURES, KERNELS
+from ..feature_maps import FEATURES, KERNELS, KEY_ESTIMATORS
 from ..nn.favor_attention import validate_favor_options
 from ..nn.self_attention import ATTENTIONS
 from ..projections import PROJECTIONS, SCALINGS
@@ -55,6 +55,11 @@ class PerformerConfig:
     # Feature map of the softmax kernel; None means "positive"; must be None for relu/elu.
     features: str | None = field(
         default=None, metadata=_help("softmax-kernel feature map (None = positive; None for relu/elu)", FEATURES)
+    )
+    # How keys' features estimate the kernel: "plain" (unbiased) or the self-normalised
+    # "normalized"/"calibrated" (lower error, a small bias that vanishes as M grows; positive exponential features only).
+    key_estimator: str = field(
+        default="plain", metadata=_help("key feature estimator (FAVOR; see favor.feature_maps)", KEY_ESTIMATORS)
     )
     # Kernel estimated by the features.
     kernel: str = field(default="softmax", metadata=_help("attention kernel (FAVOR)", KERNELS))
@@ -111,6 +116,7 @@ class PerformerConfig:
             validate_favor_options(
                 self.head_dim, nb_features=self.nb_features, features=self.features, kernel=self.kernel,
                 projection=self.projection, scaling=self.scaling, seed=self.seed, chunk_size=self.chunk_size,
+                key_estimator=self.key_estimator,
             )
         except (ValueError, TypeError) as exc:
             raise type(exc)(f"PerformerConfig: {exc}") from None

@@ -44,7 +44,7 @@ class PerformerBlock(nn.Module):
             cfg.d_model, cfg.n_heads, attention=cfg.attention, rotary=cfg.rotary, dropout=cfg.dropout,
             bias=False, is_causal=is_causal, nb_features=cfg.nb_features, features=cfg.features,
             kernel=cfg.kernel, projection=cfg.projection, scaling=cfg.scaling,
-            seed=derive_seed(cfg.seed, layer), chunk_size=cfg.chunk_size,
+            seed=derive_seed(cfg.seed, layer), chunk_size=cfg.chunk_size, key_estimator=cfg.key_estimator,
         )
         self.ln2 = nn.LayerNorm(cfg.d_model)
         self.mlp = nn.Sequential(

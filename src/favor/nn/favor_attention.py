@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..attention import favor_attention
-from ..feature_maps import FEATURES, KERNELS
+from ..feature_maps import FEATURES, KERNELS, check_key_estimator
 from ..linear import DEFAULT_CHUNK_SIZE, FavorState
 from ..projections import PROJECTIONS, SCALINGS, projection_matrix
 
@@ -63,6 +63,7 @@ def validate_favor_options(
     scaling: str,
     seed: int,
     chunk_size: int,
+    key_estimator: str = "plain",
 ) -> None:
     """Check one set of FAVOR options; ValueError/TypeError naming the offending option and value.
 
@@ -70,7 +71,8 @@ def validate_favor_options(
     for ``kernel="softmax"`` and ``None`` for ``"relu"``/``"elu"``; ``projection`` in
     :data:`favor.PROJECTIONS`, or ``None`` (the identity, no random matrix) for ``"relu"``/``"elu"``
     only, in which case ``nb_features`` must be ``None`` or ``head_dim``; ``scaling`` in
-    :data:`favor.SCALINGS` and ``"chi"`` for ``projection="iid"``.
+    :data:`favor.SCALINGS` and ``"chi"`` for ``projection="iid"``; ``key_estimator`` in
+    :data:`favor.KEY_ESTIMATORS`, non-"plain" ones with positive exponential softmax features only.
     """
     _check_int("head_dim", head_dim, minimum=1)
     _check_int("seed", seed, minimum=0)
@@ -107,6 +109,7 @@ def validate_favor_options(
         raise ValueError(f"unknown scaling {scaling!r}; expected one of {SCALINGS}")
     if projection == "iid" and scaling != "chi":
         raise ValueError(f"scaling={scaling!r} applies to orthogonal projections only; projection='iid' needs 'chi'")
+    check_key_estimator(key_estimator, "positive" if kernel == "softmax" and features is None else features, kernel)
 
 
 class FavorAttention(nn.Module):
@@ -126,6 +129,8 @@ class FavorAttention(nn.Module):
         is_causal: query t attends to keys 0..t only.
         seed: seeds the ``torch.Generator`` of the first draw.
         chunk_size: chunk length of the causal kernel.
+        key_estimator: ``"plain"`` (unbiased), ``"normalized"`` or ``"calibrated"`` (lower error,
+            a small bias that vanishes as M grows): see :func:`favor.favor_attention`.
 
     Buffers:
         ``projection`` (m, D), persistent, in the default dtype (drawn in float64 then cast);
@@ -152,13 +157,14 @@ class FavorAttention(nn.Module):
         is_causal: bool = False,
         seed: int = 0,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
+        key_estimator: str = "plain",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         validate_favor_options(
             head_dim, nb_features=nb_features, features=features, kernel=kernel, projection=projection,
-            scaling=scaling, seed=seed, chunk_size=chunk_size,
+            scaling=scaling, seed=seed, chunk_size=chunk_size, key_estimator=key_estimator,
         )
         if not isinstance(is_causal, bool):
             raise TypeError(f"is_causal must be a bool, got {is_causal!r}")
@@ -170,6 +176,7 @@ class FavorAttention(nn.Module):
         self.is_causal = is_causal
         self.seed = seed
         self.chunk_size = chunk_size
+        self.key_estimator = key_estimator
         self.nb_features = head_dim if projection is None else nb_features
         self.register_buffer("draw_state", torch.tensor([seed, 0], dtype=torch.long, device=device), persistent=True)
         if projection is None:
@@ -228,13 +235,15 @@ class FavorAttention(nn.Module):
             is_causal=self.is_causal if is_causal is None else is_causal,
             key_padding_mask=key_padding_mask, initial_state=initial_state,
             return_state=return_state, chunk_size=self.chunk_size, query_padding_mask=query_padding_mask,
+            key_estimator=self.key_estimator,
         )
 
     def extra_repr(self) -> str:
         return (
             f"head_dim={self.head_dim}, nb_features={self.nb_features}, features={self.features!r}, "
             f"kernel={self.kernel!r}, projection={self.projection_kind!r}, scaling={self.scaling!r}, "
-            f"is_causal={self.is_causal}, seed={self.seed}, chunk_size={self.chunk_size}"
+            f"is_causal={self.is_causal}, seed={self.seed}, chunk_size={self.chunk_size}, "
+            f"key_estimator={self.key_estimator!r}"
         )
 
 

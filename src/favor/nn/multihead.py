@@ -55,7 +55,7 @@ class MultiheadFavorAttention(nn.Module):
       has no attention weights to drop.
     * ``add_bias_kv`` / ``add_zero_attn`` append the learned / zero key-value token as torch does;
       bidirectional only (a causal call with them raises).
-    * Keyword-only FAVOR options: ``nb_features``, ``features``, ``kernel``, ``projection``,
+    * Keyword-only FAVOR options: ``nb_features``, ``features``, ``kernel``, ``key_estimator``, ``projection``,
       ``scaling``, ``seed``, ``chunk_size`` (see :class:`FavorAttention`; the projection lives in
       ``self.favor``).
 
@@ -85,6 +85,7 @@ class MultiheadFavorAttention(nn.Module):
         scaling: str = "chi",
         seed: int = 0,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
+        key_estimator: str = "plain",
     ) -> None:
         super().__init__()
         for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads)):
@@ -129,7 +130,8 @@ class MultiheadFavorAttention(nn.Module):
             self.bias_k = self.bias_v = None
         self.favor = FavorAttention(
             self.head_dim, nb_features=nb_features, features=features, kernel=kernel, projection=projection,
-            scaling=scaling, is_causal=False, seed=seed, chunk_size=chunk_size, **factory,
+            scaling=scaling, is_causal=False, seed=seed, chunk_size=chunk_size, key_estimator=key_estimator,
+            **factory,
         )
         self._reset_parameters()
         self.register_forward_pre_hook(_disable_encoder_fast_path)

@@ -80,7 +80,7 @@ class PerformerSelfAttention(nn.Module):
             both attention kinds (FAVOR has no attention matrix to drop entries from).
         bias: biases in the q/k/v and output projections.
         is_causal: token t attends to tokens 0..t only.
-        nb_features, features, kernel, projection, scaling, seed, chunk_size: the options of
+        nb_features, features, kernel, projection, scaling, seed, chunk_size, key_estimator: the options of
             :class:`FavorAttention` (used by ``attention="favor"`` only, validated always).
         rotary_base: RoPE frequency base.
     """
@@ -102,6 +102,7 @@ class PerformerSelfAttention(nn.Module):
         scaling: str = "chi",
         seed: int = 0,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
+        key_estimator: str = "plain",
         rotary_base: float = 10000.0,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -130,7 +131,7 @@ class PerformerSelfAttention(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.rotary = RotaryEmbedding(self.head_dim, rotary_base) if rotary else None
         favor_options = dict(nb_features=nb_features, features=features, kernel=kernel, projection=projection,
-                             scaling=scaling, seed=seed, chunk_size=chunk_size)
+                             scaling=scaling, seed=seed, chunk_size=chunk_size, key_estimator=key_estimator)
         if attention == "favor":
             self.favor = FavorAttention(self.head_dim, is_causal=is_causal, **favor_options, **factory)
         else:  # validated all the same, so that a config is valid for both kinds or neither
