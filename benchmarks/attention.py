@@ -19,6 +19,9 @@ Methods:
   favor-generic       the unfused path favor uses for kinds without a fused kernel (and used for
                       all kinds before the fused kernels): feature_map, then
                       favor.linear.linear_attention / causal_linear_attention, autograd throughout
+  favor-normalized    favor.favor_attention with key_estimator="normalized" (positive features,
+  favor-calibrated    the same projections) / "calibrated": the generic path plus the per-key
+                      normalisation (and tilt); not in the default run, ask with --methods
   sdpa                torch.nn.functional.scaled_dot_product_attention (exact; is_causal)
   performer-pytorch   performer_pytorch.FastAttention(nb_features=256) (causal: its CPU path)
   performer-pytorch+ft  the same, causal, with attn.causal_linear_fn set to its wrapper of
@@ -69,7 +72,10 @@ DTYPES = ("float32", "bfloat16", "float16")
 DIRECTIONS = ("bidirectional", "causal")
 MODES = ("fwd", "fwd+bwd")
 # in the order they run (the targets' methods first; the run may stop at --max-minutes)
-METHODS = ("favor", "sdpa", "fast-transformers", "performer-pytorch", "performer-pytorch+ft", "favor-generic")
+METHODS = ("favor", "sdpa", "fast-transformers", "performer-pytorch", "performer-pytorch+ft", "favor-generic",
+           "favor-normalized", "favor-calibrated")
+#: what a run without --methods measures (the key-estimator variants are asked for by name)
+DEFAULT_METHODS = METHODS[:6]
 FULL_LENGTHS = tuple(2 ** p for p in range(9, 16))  # 512 … 32768
 QUICK_LENGTHS = (64, 128)
 
@@ -123,6 +129,12 @@ def build(method: str, causal: bool):
 
         w = favor.gaussian_orthogonal_matrix(M, D, generator=g).to(DEVICE)
         return lambda q, k, v: favor.favor_attention(q, k, v, w, is_causal=causal)
+    if method in ("favor-normalized", "favor-calibrated"):  # positive features, self-normalised keys
+        import favor
+
+        w = favor.gaussian_orthogonal_matrix(M, D, generator=g).to(DEVICE)
+        estimator = method.removeprefix("favor-")
+        return lambda q, k, v: favor.favor_attention(q, k, v, w, is_causal=causal, key_estimator=estimator)
     if method == "favor-generic":
         import favor
 
@@ -391,7 +403,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--json", required=False, help="write results here (else stdout)")
     p.add_argument("--quick", action="store_true", help="small smoke sweep in one process")
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(DEFAULT_METHODS))
     p.add_argument("--lengths", nargs="+", type=int, help="override the L sweep")
     p.add_argument("--budget", type=float, default=45.0,
                    help="full mode: skip a case whose min-repeats runs would take longer (seconds)")

@@ -19,7 +19,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 STYLE = {"favor": ("C0", "o"), "favor-generic": ("C7", "x"), "sdpa": ("C3", "s"), "performer-pytorch": ("C1", "^"),
-         "performer-pytorch+ft": ("C4", "v"), "fast-transformers": ("C2", "D")}
+         "performer-pytorch+ft": ("C4", "v"), "fast-transformers": ("C2", "D"),
+         "favor-normalized": ("C8", "P"), "favor-calibrated": ("C9", "*")}
 PANELS = [(d, m) for d in ("bidirectional", "causal") for m in ("fwd", "fwd+bwd")]
 
 

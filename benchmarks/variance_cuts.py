@@ -37,6 +37,17 @@ Estimators (x = q/d^¼, y = k/d^¼; "orthogonal" = Haar blocks of d rows with ch
   feature (1 for queries, −(F̄(y) − E F̄(y)) for keys), unbiased.  ``hyperbolic_oprf_qkcv`` subtracts
   the query-side twin as well (one more feature): it only adds a constant to each row, which the
   normalisation does not cancel.
+* ``hyperbolic_oprf_split*α`` (also ``/hadamard``): exp(xᵀy) = exp((αx)ᵀ(y/α)) for every α, so
+  the features of αx and y/α (A from them) are unbiased too; α > 1 moves variance to the query
+  side, whose row-wide part the normalisation cancels.
+* ``hyperbolic_oprf_keynorm`` (also ``/hadamard``, ``*κ`` scales A), biased (a ratio): favor's
+  ``key_estimator="normalized"``: each key's features times E F̄(y)/F̄(y), a self-normalised
+  importance sample of exp(xᵀy) = E F̄(y)·E_{ω~p_y}[f(ω, x)], p_y ∝ f(ω, y)·N(ω; 0, I).
+* ``hyperbolic_oprf_calibrated*κ`` (κ default 0.5), biased: the same, with each key's
+  normalised weights u_r tilted towards the exact mean B·y/(1 − 2A) of p_y:
+  u_r ← u_r(1 + γᵀ(ω_r − ω̄)), γ = κ(B·y − (1 − 2A)ω̄), clamped at 0 and renormalised; favor's
+  ``key_estimator="calibrated"`` is κ = 0.25.  ``hyperbolic_oprf_calibrated_unclamped`` skips the
+  clamp (weights may be negative).
 * ``oprf_control``: FAVOR++ with a linear control variate: φ_r(x) − β(1 + ω_rᵀx) on both sides plus
   the exact corrections β(E φ(x) + E φ(y))(1 + c·xᵀy) − β²(1 + xᵀy), β = 0.8 (unbiased for every β).
   Each coefficient is a query term plus a key term, so the corrections cost 2(d + 1) exact
@@ -68,13 +79,18 @@ DEFAULT_ESTIMATORS = ("positive", "oprf", "hyperbolic_oprf", "hyperbolic_oprf*0.
                       "hyperbolic_oprf/hadamard", "hyperbolic_oprf/mub",
                       "hyperbolic_oprf/simplex", "hyperbolic_oprf/stratified", "hyperbolic_oprf/sqrt_d",
                       "hyperbolic_sderf", "complex_gerf", "hyperbolic_oprf_keycv",
-                      "hyperbolic_oprf_keycv/hadamard", "hyperbolic_oprf_qkcv", "oprf_control", "maclaurin", "taylor2", "taylor1_exact")
-BIASED = {"hyperbolic_oprf/sqrt_d", "taylor2", "taylor1_exact"}
+                      "hyperbolic_oprf_keycv/hadamard", "hyperbolic_oprf_qkcv", "hyperbolic_oprf_split*1.3",
+                      "hyperbolic_oprf_split*1.3/hadamard", "hyperbolic_oprf_keynorm", "hyperbolic_oprf_keynorm/hadamard",
+                      "hyperbolic_oprf_calibrated*0.25", "hyperbolic_oprf_calibrated*0.5", "hyperbolic_oprf_calibrated*1",
+                      "hyperbolic_oprf_calibrated_unclamped*1", "oprf_control", "maclaurin", "taylor2", "taylor1_exact")
+BIASED = {"hyperbolic_oprf/sqrt_d", "taylor2", "taylor1_exact", "hyperbolic_oprf_keynorm",
+          "hyperbolic_oprf_keynorm/hadamard", "hyperbolic_oprf_calibrated",
+          "hyperbolic_oprf_calibrated_unclamped"}
 
 
 def unbiasedness(name: str) -> bool | str:
     """True, False, or "nearly" (Hadamard rows are only approximately isotropic)."""
-    if name in BIASED:
+    if name in BIASED or name.partition("/")[0].partition("*")[0] in BIASED:
         return False
     return "nearly" if name.endswith("/hadamard") else True
 
@@ -219,8 +235,8 @@ def kernel_matrix(name: str, x: torch.Tensor, y: torch.Tensor, budget: int, g: t
     """(L, L) estimate of exp(x_i·y_j) by estimator ``name`` with ``budget`` output features."""
     d = x.shape[-1]
     kind, _, proj_kind = name.partition("/")
-    kind, _, a_scale = kind.partition("*")
-    a_scale = float(a_scale) if a_scale else 1.0
+    kind, _, a_scale_text = kind.partition("*")
+    a_scale = float(a_scale_text) if a_scale_text else 1.0
     t = x @ y.T
     if kind in ("positive", "oprf"):
         w = projection("orthogonal", budget, d, g)
@@ -240,6 +256,40 @@ def kernel_matrix(name: str, x: torch.Tensor, y: torch.Tensor, budget: int, g: t
         if kind == "hyperbolic_oprf_qkcv":
             k = k - (fx.mean(-1) - _gerf_mean(x, a))[:, None]
         return k
+    if kind == "hyperbolic_oprf_split":
+        # exp(xᵀy) = exp((αx)ᵀ(y/α)): exact for every α; α > 1 moves variance to the query side,
+        # whose row-wide part the normalisation cancels.  A from the split inputs.
+        w = projection(proj_kind or "orthogonal", budget // 2, d, g)
+        w = torch.cat((w, -w))
+        xs, ys = a_scale * x, y / a_scale
+        a = float(oprf_parameter(xs, ys))
+        return _gerf(xs, w, a) @ _gerf(ys, w, a).T / w.shape[0]
+    if kind == "hyperbolic_oprf_keynorm":
+        # self-normalised per key: y's features times E F̄(y)/F̄(y) (a ratio: biased, consistent)
+        w = projection(proj_kind or "orthogonal", budget // 2, d, g)
+        w = torch.cat((w, -w))
+        a = a_scale * float(oprf_parameter(x, y))
+        fy = _gerf(y, w, a)
+        fy = fy * (_gerf_mean(y, a) / fy.mean(-1)).unsqueeze(-1)
+        return _gerf(x, w, a) @ fy.T / w.shape[0]
+    if kind in ("hyperbolic_oprf_calibrated", "hyperbolic_oprf_calibrated_unclamped"):
+        # key-normalised weights u_r = f(ω_r, y)/Σ f, then tilted linearly towards the exact mean of
+        # ω under p_y ∝ f(ω, y)·N(ω; 0, I) = N(B·y/(1 − 2A), I/(1 − 2A)):
+        # u_r ← u_r(1 + γᵀ(ω_r − ω̄)), γ = κ(1 − 2A)(B·y/(1 − 2A) − ω̄), ω̄ = Σ u_r ω_r;
+        # clamped at 0 and renormalised (positive), except in the _unclamped variant.  κ = "*κ", 0.5.
+        kappa = float(a_scale_text) if a_scale_text else 0.5
+        w = projection(proj_kind or "orthogonal", budget // 2, d, g)
+        w = torch.cat((w, -w))
+        a = float(oprf_parameter(x, y))
+        fy = _gerf(y, w, a)
+        u = fy / fy.sum(-1, keepdim=True)  # (L, M)
+        mean = u @ w  # (L, d)
+        gam = kappa * (math.sqrt(1 - 4 * a) * y - (1 - 2 * a) * mean)
+        u = u * (1 + gam @ w.T - (mean * gam).sum(-1, keepdim=True))
+        if kind == "hyperbolic_oprf_calibrated":
+            u = u.clamp_min(0)
+            u = u / u.sum(-1, keepdim=True)
+        return _gerf(x, w, a) @ (u * _gerf_mean(y, a).unsqueeze(-1)).T
     if kind == "hyperbolic_sderf":
         n = x.shape[0]
         xb, yb = x.mean(0), y.mean(0)
@@ -327,7 +377,7 @@ def run(estimators, *, seeds: int, length: int, dim: int, sigma: float, budget: 
         rows.append({"estimator": name, "unbiased": unbiasedness(name), "mean": float(e.mean()),
                      "std": float(e.std()) if seeds > 1 else 0.0, "seeds": seeds,
                      "seconds": time.perf_counter() - t0})
-        print(f"{name:28s} {'' if name not in BIASED else '(biased) ':9s}{rows[-1]['mean']:.4f} ± {rows[-1]['std']:.4f}",
+        print(f"{name:28s} {'' if unbiasedness(name) is not False else '(biased) ':9s}{rows[-1]['mean']:.4f} ± {rows[-1]['std']:.4f}",
               file=sys.stderr, flush=True)
     return {"command": "python " + " ".join(sys.argv), "setting": {"length": length, "dim": dim, "sigma": sigma,
             "budget": budget, "inputs": about, "direction": "causal" if causal else "bidirectional",

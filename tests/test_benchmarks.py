@@ -83,7 +83,10 @@ def test_variance_cuts_smoke_run_every_estimator(tmp_path):
     assert [r["estimator"] for r in result["rows"]] == list(variance_cuts.DEFAULT_ESTIMATORS)
     for r in result["rows"]:
         assert math.isfinite(r["mean"]) and r["mean"] > 0, r
-        expected = r["estimator"] not in {"hyperbolic_oprf/sqrt_d", "taylor2", "taylor1_exact"}
+        kind = r["estimator"].partition("/")[0].partition("*")[0]
+        expected = r["estimator"] != "hyperbolic_oprf/sqrt_d" and kind not in {
+            "taylor2", "taylor1_exact", "hyperbolic_oprf_keynorm", "hyperbolic_oprf_calibrated",
+            "hyperbolic_oprf_calibrated_unclamped"}
         assert r["unbiased"] == ("nearly" if expected and r["estimator"].endswith("/hadamard") else expected)
 
 
@@ -98,7 +101,7 @@ def test_variance_cuts_unbiased_estimators_average_to_the_kernel():
     y = torch.randn(4, 8, generator=g, dtype=torch.float64) * 0.3
     exact = torch.exp(x @ y.T)
     for name in ("oprf_control", "maclaurin", "hyperbolic_oprf/mub", "hyperbolic_sderf", "hyperbolic_oprf/simplex",
-                 "hyperbolic_oprf_keycv", "hyperbolic_oprf_qkcv"):
+                 "hyperbolic_oprf_keycv", "hyperbolic_oprf_qkcv", "hyperbolic_oprf_split*1.3"):
         draws = torch.stack([variance_cuts.kernel_matrix(name, x, y, 128, torch.Generator().manual_seed(s))
                              for s in range(400)])
         _assert_averages_to(draws, exact, name)
@@ -200,3 +203,19 @@ def test_variance_cuts_estimators_stay_within_their_feature_budget():
     for name in variance_cuts.DEFAULT_ESTIMATORS:
         k = variance_cuts.kernel_matrix(name, x, y, 128, torch.Generator().manual_seed(0))
         assert int(torch.linalg.matrix_rank(k)) <= 128, name
+
+
+def test_key_estimator_bias_script_writes_its_json(tmp_path):
+    """benchmarks/key_estimator_bias.py on a tiny setting: one row per key estimator and budget,
+    finite numbers, and the plain estimator's kernel bias within a few standard errors of 0."""
+    out = tmp_path / "bias.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "key_estimator_bias.py"), "--draws", "40", "--budgets", "16",
+                    "--length", "64", "--dim", "8", "--pairs", "256", "--rows", "32", "--json", str(out)],
+                   check=True, timeout=120, capture_output=True, text=True)
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["key_estimator"] for r in rows] == ["plain", "normalized", "calibrated"]
+    for r in rows:
+        assert all(math.isfinite(v) for v in r.values() if isinstance(v, float)), r
+        assert 0 <= r["output_bias"] <= r["output_rel_error"] * 1.5, r
+    plain = rows[0]
+    assert abs(plain["kernel_bias"]) < 4 * plain["kernel_bias_se"] + 1e-12, plain
