@@ -176,6 +176,8 @@ def test_sweep_with_calibrated_keys_records_it_and_skips_the_closed_form():
     assert result["config"]["key_estimator"] == "calibrated"
     assert all("theory_kernel_mse" not in r for r in result["results"])
     assert "(calibrated keys)" in format_table(result)
+    with pytest.raises(ValueError, match="plain key features"):
+        format_theory_table(result)
 
 
 @pytest.mark.parametrize("dist", ["normal", "uniform", "laplace"])

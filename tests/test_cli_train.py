@@ -328,3 +328,26 @@ def test_train_with_calibrated_keys_records_the_option(corpus, tmp_path):
     assert ckpt.config["model"]["key_estimator"] == "calibrated"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["val_step"] == 3 and 0 < summary["val_loss"] < 10, summary
+
+
+def test_resume_refuses_an_option_added_after_the_checkpoint_unless_it_keeps_the_default(corpus, tmp_path, capsys):
+    """A checkpoint written before key_estimator existed ran with the default ("plain"): resuming it
+    with --key-estimator calibrated must be refused, not silently continue with plain keys."""
+    import hashlib
+
+    run = tmp_path / "old"
+    assert _train("--data", corpus, "--out", run, "--steps", "2", "--eval-every", "2") == 0
+    step = run / "step-0000002"
+    config = json.loads((step / "config.json").read_text())
+    del config["model"]["key_estimator"]  # as written before the option existed
+    (step / "config.json").write_text(json.dumps(config, indent=1) + "\n")
+    manifest = json.loads((step / "MANIFEST.json").read_text())
+    data = (step / "config.json").read_bytes()
+    manifest["files"]["config.json"] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    (step / "MANIFEST.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--steps", "3", "--key-estimator", "calibrated",
+                 "--no-progress", "--threads", "1"]) == 2
+    assert "key_estimator='plain'" in capsys.readouterr().err
+    assert main(["train", "--resume", str(run), "--steps", "3", "--key-estimator", "plain",
+                 "--no-progress", "--threads", "1"]) == 0

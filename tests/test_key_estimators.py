@@ -532,3 +532,15 @@ def test_calibrated_under_bf16_autocast(features, is_causal):
     for name, t in zip("qkv", (qb, kb, vb)):
         assert torch.isfinite(t.grad).all(), name
 
+
+
+@pytest.mark.parametrize("features", ["oprf", "hyperbolic_oprf"])
+def test_calibrated_stays_finite_where_the_tilt_cancels_in_float32(features):
+    """At query/key scales ~3000 (A ~ -5e5) the two terms of the tilt cancel in float32 and every
+    tilt of a key can round to <= 0; such keys keep their normalised features (no 0/0)."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 1, 64, 64, generator=g) for _ in range(3))
+    w = torch.randn(256, 64, generator=g)
+    for scale_q, scale_k in ((3000.0, 1.0), (1.0, 3000.0), (3000.0, 3000.0)):
+        out = favor.favor_attention(q * scale_q, k * scale_k, v, w, features=features, key_estimator="calibrated")
+        assert torch.isfinite(out).all(), (scale_q, scale_k)

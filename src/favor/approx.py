@@ -462,6 +462,9 @@ def format_theory_table(result: dict) -> str:
     """i.i.d. projections: measured per-entry kernel MSE vs the closed form, per kind and budget,
     and the mean over pairs of (squared error / closed form), which should be 1 ± its std/√S."""
     cfg = result["config"]
+    if cfg.get("key_estimator", "plain") != "plain":
+        raise ValueError(f"the closed forms are for plain key features; this sweep used "
+                         f"key_estimator={cfg['key_estimator']!r}")
     seeds = cfg["seeds"]
     lines = [["features", "M", "measured MSE", "closed form", "measured/closed (per pair)"]]
     for kind in cfg["features"]:

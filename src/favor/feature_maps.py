@@ -302,7 +302,12 @@ def key_feature_map(
             gap = y - omega_bar
         gamma = CALIBRATION_STRENGTH * gap  # (..., L, d)
         tilt = 1 + gamma @ omega.T - (gamma * omega_bar).sum(-1, keepdim=True)  # (..., L, M)
-        psi = psi * tilt.clamp_min(0)  # Σ u·tilt = 1 before the clamp, so the sum stays ≥ 1
+        tilted = psi * tilt.clamp_min(0)  # Σ u·tilt = 1 before the clamp, so the sum is ≥ 1 ...
+        # ... in exact arithmetic; at extreme norms (|γ| ~ 1e5) the two terms of the tilt cancel
+        # in float32 and every tilt of a key can round to ≤ 0: such a key keeps its normalised,
+        # untilted features instead of a 0/0
+        total = tilted.sum(-1, keepdim=True)
+        psi = torch.where((total > 0) & torch.isfinite(total), tilted, psi)
     log_scale = _log_mean_feature(y, num_out, features, oprf_a) + math.log(num_out) - torch.log(psi.sum(-1))
     return Features(psi, log_scale)
 

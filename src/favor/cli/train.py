@@ -214,8 +214,12 @@ def _run(args: argparse.Namespace, dist_ctx: Any) -> int:
             raise CLIError(f"checkpoint {where} has no training description (config.json 'data'/'train'); "
                            "it was not written by favor train")
         stored_source = ckpt.config["data"]["source"]
-        _conflicts(model_explicit, ckpt.config["model"], where, set(model_explicit))
-        _conflicts(train_explicit, ckpt.config["train"], where, fixed_train)
+        # against the stored configs with defaults filled in: an option added after the checkpoint
+        # was written (e.g. key_estimator) must agree with the default the checkpoint was run with
+        stored_model = dataclasses.asdict(PerformerConfig.from_dict(ckpt.config["model"]))
+        stored_train = dataclasses.asdict(TrainConfig.from_dict(ckpt.config["train"]))
+        _conflicts(model_explicit, stored_model, where, set(model_explicit))
+        _conflicts(train_explicit, stored_train, where, fixed_train)
         data = args.data if args.data is not None else (None if stored_source == "stdlib" else stored_source)
         if args.data is not None and str(Path(args.data).expanduser().resolve()) != stored_source:
             raise CLIError(f"--data {args.data} conflicts with the checkpoint's data {stored_source!r} ({where})")
