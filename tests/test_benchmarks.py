@@ -217,5 +217,6 @@ def test_key_estimator_bias_script_writes_its_json(tmp_path):
     for r in rows:
         assert all(math.isfinite(v) for v in r.values() if isinstance(v, float)), r
         assert 0 <= r["output_bias"] <= r["output_rel_error"] * 1.5, r
+        assert r["output_bias_net"] ** 2 == pytest.approx(max(r["output_bias"] ** 2 - r["output_bias_noise"] ** 2, 0))
     plain = rows[0]
     assert abs(plain["kernel_bias"]) < 4 * plain["kernel_bias_se"] + 1e-12, plain
