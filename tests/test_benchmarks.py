@@ -220,3 +220,26 @@ def test_key_estimator_bias_script_writes_its_json(tmp_path):
         assert r["output_bias_net"] ** 2 == pytest.approx(max(r["output_bias"] ** 2 - r["output_bias_noise"] ** 2, 0))
     plain = rows[0]
     assert abs(plain["kernel_bias"]) < 4 * plain["kernel_bias_se"] + 1e-12, plain
+
+
+def test_plot_key_estimators_draws_one_line_per_estimator(tmp_path):
+    """benchmarks/plot_key_estimators.py turns favor approx JSON for each key estimator into a PNG,
+    and refuses files that differ in more than the estimator."""
+    from favor.approx import ApproxConfig, run_sweep
+
+    paths = []
+    for estimator in ("plain", "calibrated"):
+        config = ApproxConfig(length=32, dim=4, budgets=(4, 8), seeds=2, rows=8, pairs=16, key_estimator=estimator,
+                              features=("positive",), projections=("orthogonal",))
+        paths.append(tmp_path / f"{estimator}.json")
+        paths[-1].write_text(json.dumps(run_sweep(config, progress=False)))
+    script = str(ROOT / "benchmarks" / "plot_key_estimators.py")
+    subprocess.run([sys.executable, script, *map(str, paths), "--out", str(tmp_path / "k.png")],
+                   check=True, timeout=120, capture_output=True)
+    assert (tmp_path / "k.png").stat().st_size > 1000
+    other = ApproxConfig(length=32, dim=4, budgets=(4, 8), seeds=3, rows=8, pairs=16, key_estimator="normalized",
+                         features=("positive",), projections=("orthogonal",))
+    (tmp_path / "other.json").write_text(json.dumps(run_sweep(other, progress=False)))
+    bad = subprocess.run([sys.executable, script, str(paths[0]), str(tmp_path / "other.json"), "--out",
+                          str(tmp_path / "bad.png")], timeout=120, capture_output=True, text=True)
+    assert bad.returncode != 0 and "differ in more than" in bad.stderr
