@@ -114,3 +114,19 @@ def test_cli_finetune_refuses_an_eval_fraction_that_leaves_no_training_sentences
     assert err.count("\n") == 0 and err.startswith("favor compat: error: --finetune needs training sentences"), err
     assert "--eval-fraction 0.95" in err and "--sentences 8" in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_sweep_with_normalized_keys_records_the_estimator(minilm, tmp_path, capsys):
+    """--key-estimator reaches every performerized copy: the sweep records it and its agreement
+    differs from the plain sweep's on the same sentences and projections."""
+    import json
+
+    results = {}
+    for estimator in ("plain", "normalized"):
+        out = tmp_path / estimator
+        rc, err = _compat(["--key-estimator", estimator], out, capsys)
+        assert rc == 0, err
+        results[estimator] = json.loads((out / "compat.json").read_text())
+    assert results["normalized"]["key_estimator"] == "normalized"
+    plain, normalized = (results[e]["sweep"][0]["mean_cosine"] for e in ("plain", "normalized"))
+    assert plain != normalized

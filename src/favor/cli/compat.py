@@ -69,6 +69,9 @@ def register(subparsers) -> None:
     p.add_argument("--kinds", type=_kinds, default=_kinds(DEFAULT_KINDS), metavar="K,K,...",
                    help=f"feature kinds among {','.join(KINDS)} (relu = generalised ReLU kernel) "
                         f"(default: {DEFAULT_KINDS})")
+    p.add_argument("--key-estimator", default="plain", choices=("plain", "normalized", "calibrated"),
+                   help="keys' features (favor.KEY_ESTIMATORS): plain (default, unbiased) or the self-normalised "
+                        "normalized/calibrated, for every kind (those need positive kinds: not trig or relu)")
     p.add_argument("--seed", type=int, default=0, help="projection and sentence-shuffle seed (default: 0)")
     p.add_argument("--max-length", type=int, default=128, metavar="L", help="token limit (default: 128)")
     p.add_argument("--finetune", action="store_true", help="also distil the FAVOR+ models and report recovery")
@@ -119,10 +122,10 @@ def _new_result_file(out: Path, name: str) -> Path:
     return path
 
 
-def _settings(kind: str, m: int, seed: int) -> dict:
+def _settings(kind: str, m: int, seed: int, key_estimator: str = "plain") -> dict:
     if kind == "relu":
-        return dict(nb_features=m, features=None, kernel="relu", seed=seed)
-    return dict(nb_features=m, features=kind, seed=seed)
+        return dict(nb_features=m, features=None, kernel="relu", seed=seed, key_estimator=key_estimator)
+    return dict(nb_features=m, features=kind, seed=seed, key_estimator=key_estimator)
 
 
 def _plot(result: dict, path: Path) -> Path:
@@ -148,7 +151,8 @@ def _plot(result: dict, path: Path) -> Path:
         ax.grid(True, alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle(
-        f"all-MiniLM-L6-v2 with FAVOR+ attention ({result['n_eval']} held-out stdlib-docstring sentences)",
+        f"all-MiniLM-L6-v2 with FAVOR+ attention ({result['n_eval']} held-out stdlib-docstring sentences"
+        + ("" if result.get("key_estimator", "plain") == "plain" else f", {result['key_estimator']} keys") + ")",
         fontsize=10,
     )
     return save_figure(fig, path)
@@ -231,6 +235,14 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.seed < 0:
         raise CLIError(f"--seed must be >= 0, got {args.seed}")
+    from ..feature_maps import check_key_estimator
+
+    for kind in [*args.kinds, *([args.finetune_kind] if args.finetune else [])]:
+        try:
+            check_key_estimator(args.key_estimator, None if kind == "relu" else kind,
+                                "relu" if kind == "relu" else "softmax")
+        except ValueError as exc:
+            raise CLIError(f"--key-estimator {args.key_estimator} with kind {kind!r}: {exc}") from None
     if not 1 <= args.max_length <= 512:
         raise CLIError(f"--max-length must be in [1, 512] (MiniLM's position table), got {args.max_length}")
     out = Path(args.out)
@@ -277,6 +289,7 @@ def run(args: argparse.Namespace) -> int:
         "model": str(args.model_path or C.minilm_path()),
         "n_sentences": len(texts), "n_eval": len(eval_texts), "n_train": len(train_texts),
         "kinds": args.kinds, "ms": args.ms, "seed": args.seed, "max_length": args.max_length,
+        "key_estimator": args.key_estimator,
         "sweep": sweep,
         "finetune_kind": args.finetune_kind if args.finetune else None,
         "finetune": finetune,
@@ -294,7 +307,7 @@ def run(args: argparse.Namespace) -> int:
     cases = [(k, m) for k in args.kinds for m in args.ms]
     print(f"{'kind':<11}{'m':>6}{'mean cos':>10}{'min cos':>9}{'NN agree':>10}")
     for kind, m in tqdm(cases, desc="sweep", disable=None, file=sys.stderr):
-        model = C.performerized_copy(base, **_settings(kind, m, args.seed))
+        model = C.performerized_copy(base, **_settings(kind, m, args.seed, args.key_estimator))
         a = C.agreement(exact_eval, C.encode(model, tokenizer, eval_texts, max_length=args.max_length))
         sweep.append({"kind": kind, "m": m, **asdict(a)})
         save()
@@ -304,7 +317,7 @@ def run(args: argparse.Namespace) -> int:
     if args.finetune:
         exact_train = C.encode(base, tokenizer, train_texts, max_length=args.max_length)
         for m in finetune_ms:
-            model = C.performerized_copy(base, **_settings(args.finetune_kind, m, args.seed))
+            model = C.performerized_copy(base, **_settings(args.finetune_kind, m, args.seed, args.key_estimator))
             swept = [r for r in sweep if (r["kind"], r["m"]) == (args.finetune_kind, m)]
             before = (C.Agreement(**{k: swept[0][k] for k in ("mean_cosine", "min_cosine", "nn_agreement")})
                       if swept else C.agreement(exact_eval, C.encode(model, tokenizer, eval_texts,
