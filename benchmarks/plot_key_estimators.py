@@ -33,8 +33,11 @@ def main(argv=None) -> int:
     for r in runs[1:]:
         same = {k: v for k, v in r["config"].items() if k != "key_estimator"}
         first = {k: v for k, v in runs[0]["config"].items() if k != "key_estimator"}
-        if same != first:
+        if same != first or r.get("model") != runs[0].get("model"):  # model: `favor approx --model` inputs
             raise SystemExit("the files differ in more than --key-estimator")
+    if args.projection not in runs[0]["config"]["projections"]:
+        raise SystemExit(f"--projection {args.projection} is not in the files' projections "
+                         f"{runs[0]['config']['projections']}")
     plt = pyplot()
     fig, axes = plt.subplots(1, len(kinds), figsize=(4.2 * len(kinds), 3.8), sharey=True)
     axes = [axes] if len(kinds) == 1 else axes

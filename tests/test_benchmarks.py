@@ -243,3 +243,27 @@ def test_plot_key_estimators_draws_one_line_per_estimator(tmp_path):
     bad = subprocess.run([sys.executable, script, str(paths[0]), str(tmp_path / "other.json"), "--out",
                           str(tmp_path / "bad.png")], timeout=120, capture_output=True, text=True)
     assert bad.returncode != 0 and "differ in more than" in bad.stderr
+    missing = subprocess.run([sys.executable, script, *map(str, paths), "--projection", "iid", "--out",
+                              str(tmp_path / "bad.png")], timeout=120, capture_output=True, text=True)
+    assert missing.returncode != 0 and "--projection iid is not in" in missing.stderr
+
+
+def test_approx_per_head_keeps_every_heads_value(tmp_path):
+    """benchmarks/approx_per_head.py on a one-step checkpoint: 16 per-head values per cell and
+    estimator, and the heads worse than plain listed for the non-plain ones."""
+    from favor.cli import main
+
+    run = tmp_path / "lm"
+    assert main(["train", "--batch-size", "2", "--seq-len", "16", "--d-model", "8", "--n-heads", "2",
+                 "--n-layers", "1", "--mlp-ratio", "2", "--nb-features", "4", "--eval-batches", "1",
+                 "--warmup-steps", "1", "--threads", "1", "--no-progress", "--steps", "1", "--out", str(run)]) == 0
+    out = tmp_path / "heads.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "approx_per_head.py"), "--model", str(run),
+                    "--length", "16", "--seeds", "4", "--json", str(out)], check=True, timeout=300, capture_output=True)
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 3 * 2 * 3  # features x budgets x estimators
+    for r in rows:
+        assert len(r["output_rel_error"]) == 4 and all(math.isfinite(v) for v in r["output_rel_error"])
+        assert r["mean"] == pytest.approx(sum(r["output_rel_error"]) / 4)
+        if r["key_estimator"] == "plain":
+            assert r["seeds_worse_than_plain"] == []
