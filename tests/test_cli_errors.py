@@ -244,6 +244,8 @@ OWN_ERRORS = [
     pytest.param(["compat", "--max-length", "0"], "compat", "--max-length must be in [1, 512]",
                  id="compat-max-length-0"),
     pytest.param(["compat", "--seed", "-1"], "compat", "--seed must be >= 0, got -1", id="compat-seed-negative"),
+    pytest.param(["compat", "--kinds", "positive", "--plot", "fig.xyz"], "compat",
+                 "--plot: cannot write a figure to 'fig.xyz': unsupported suffix '.xyz'", id="compat-plot-bad-suffix"),
     pytest.param(["compat", "--key-estimator", "normalized"], "compat",
                  "--key-estimator normalized with kind 'relu'", id="compat-key-estimator-with-relu"),
     pytest.param(["compat", "--kinds", "positive,trig", "--key-estimator", "calibrated"], "compat",

@@ -246,6 +246,13 @@ def run(args: argparse.Namespace) -> int:
     if not 1 <= args.max_length <= 512:
         raise CLIError(f"--max-length must be in [1, 512] (MiniLM's position table), got {args.max_length}")
     out = Path(args.out)
+    if args.plot is not None:  # a format matplotlib cannot write would only fail after the sweep
+        from ..plotting import figure_path
+
+        try:
+            figure_path(args.plot)
+        except ValueError as exc:
+            raise CLIError(f"--plot: {exc}") from None
     saved = _new_result_file(out, "compat.json")
     import torch
     from tqdm.auto import tqdm
