@@ -238,9 +238,9 @@ def run(args: argparse.Namespace) -> int:
     from ..feature_maps import check_key_estimator
 
     for kind in [*args.kinds, *([args.finetune_kind] if args.finetune else [])]:
+        settings = _settings(kind, 1, args.seed, args.key_estimator)  # the options performerize will get
         try:
-            check_key_estimator(args.key_estimator, None if kind == "relu" else kind,
-                                "relu" if kind == "relu" else "softmax")
+            check_key_estimator(settings["key_estimator"], settings["features"], settings.get("kernel", "softmax"))
         except ValueError as exc:
             raise CLIError(f"--key-estimator {args.key_estimator} with kind {kind!r}: {exc}") from None
     if not 1 <= args.max_length <= 512:

@@ -109,7 +109,7 @@ def validate_favor_options(
         raise ValueError(f"unknown scaling {scaling!r}; expected one of {SCALINGS}")
     if projection == "iid" and scaling != "chi":
         raise ValueError(f"scaling={scaling!r} applies to orthogonal projections only; projection='iid' needs 'chi'")
-    check_key_estimator(key_estimator, "positive" if kernel == "softmax" and features is None else features, kernel)
+    check_key_estimator(key_estimator, features, kernel)
 
 
 class FavorAttention(nn.Module):
